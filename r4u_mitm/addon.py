@@ -1,0 +1,248 @@
+"""The mitmproxy addon: `mitmdump -s r4u_mitm/addon.py`. Glue only.
+
+It picks the flows to trace, tees their event streams (`tap.Tap`), freezes each finished
+exchange into plain data (`record.Exchange`) and hands it to the delivery, which builds the R4U
+record and delivers it off the event loop. No hook awaits anything; no hook lets an exception
+out to mitmproxy (a failure of the tracer must never change what the client gets).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+from mitmproxy import command, ctx, exceptions, http
+
+from r4u_mitm import providers
+from r4u_mitm.flows import freeze
+from r4u_mitm.record import build_record
+from r4u_mitm.sender import Delivery
+from r4u_mitm.tap import Tap
+
+log = logging.getLogger("r4u_mitm")
+
+TAG_PREFIX = "x-r4u-"
+SKIP_TAG = "skip"
+OUTBOX_NAME = "r4u-outbox.sqlite"
+DELIVERY_OPTIONS = {"r4u_api_url", "r4u_outbox", "r4u_ca_file", "r4u_outbox_max_records", "r4u_outbox_max_mb"}
+
+
+class _Trace:
+    """What the addon keeps for a traced flow until it ends."""
+
+    __slots__ = ("flow", "trace_id", "provider", "properties", "tap")
+
+    def __init__(self, flow: http.HTTPFlow, provider: str, properties: dict[str, str]) -> None:
+        self.flow = flow
+        self.trace_id = str(uuid.uuid4())
+        self.provider = provider
+        self.properties = properties
+        self.tap: Tap | None = None
+
+
+def guarded(hook):
+    """Run a hook's body so that nothing it raises reaches mitmproxy or the flow: log it once
+    (with the flow id), count it, go on."""
+
+    @functools.wraps(hook)
+    def wrapper(self, *args):
+        try:
+            return hook(self, *args)
+        except Exception as exc:  # noqa: BLE001 - the boundary between the tracer and the proxy
+            self.internal_errors += 1
+            flow_id = getattr(args[0], "id", "-") if args else "-"
+            if self.internal_errors <= 10 or self.internal_errors % 1000 == 0:
+                log.error("r4u-mitm: internal error in %s (flow %s): %r", hook.__name__, flow_id, exc)
+        return None
+
+    return wrapper
+
+
+class R4UTracer:
+    def __init__(self) -> None:
+        self.rules = providers.parse_host_rules(providers.DEFAULT_HOSTS)
+        self.delivery: Delivery | None = None
+        self.open: dict[str, _Trace] = {}
+        self.internal_errors = 0
+        self.traced = 0
+        self.running_ = False
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "r4u_api_url", str, os.environ.get("R4U_API_URL", "http://localhost:8000"),
+            "R4U's base URL; traces are posted to {r4u_api_url}/v1/http-traces. "
+            "Default: $R4U_API_URL, else http://localhost:8000. Set R4U_API_KEY to send a key.",
+        )
+        loader.add_option(
+            "r4u_hosts", Sequence[str], list(providers.DEFAULT_HOSTS),
+            "Hosts whose traffic is traced, as the client asked for them: 'host' or 'host=provider', "
+            "wildcards ('*.openai.azure.com') and ports ('localhost:8000=openai_compatible') allowed. "
+            "Providers: openai, azure_openai, anthropic, openai_compatible.",
+        )
+        loader.add_option(
+            "r4u_outbox", Optional[str], None,
+            "The SQLite file where traces wait until R4U has them. Default: r4u-outbox.sqlite in confdir.",
+        )
+        loader.add_option(
+            "r4u_outbox_max_records", int, 100_000,
+            "Most traces the outbox holds; beyond it the oldest are dropped (counted and logged).",
+        )
+        loader.add_option(
+            "r4u_outbox_max_mb", int, 1024,
+            "Most megabytes the outbox holds; beyond it the oldest traces are dropped (counted and logged).",
+        )
+        loader.add_option(
+            "r4u_max_body_bytes", int, 32 * 1024 * 1024,
+            "Most bytes of a body kept in a trace; beyond it the trace keeps the first part and says "
+            "metadata.truncated. The client always gets everything.",
+        )
+        loader.add_option(
+            "r4u_redact_headers", Sequence[str], [],
+            "More header names whose values are replaced by [REDACTED] in traces "
+            "(authorization, api keys, cookies and the like always are).",
+        )
+        loader.add_option(
+            "r4u_drain_seconds", int, 5,
+            "On shutdown, how long to keep delivering pending traces; what is left stays in the outbox.",
+        )
+        loader.add_option(
+            "r4u_ca_file", Optional[str], None,
+            "CA bundle to verify R4U's certificate when r4u_api_url is https (default: the system's).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        if "r4u_hosts" in updated:
+            try:
+                self.rules = providers.parse_host_rules(opts.r4u_hosts)
+            except ValueError as exc:
+                raise exceptions.OptionsError(f"r4u_hosts: {exc}") from None
+        for name in ("r4u_max_body_bytes", "r4u_outbox_max_records", "r4u_outbox_max_mb"):
+            if name in updated and getattr(opts, name) <= 0:
+                raise exceptions.OptionsError(f"{name} must be a positive number, not {getattr(opts, name)}")
+        if "r4u_drain_seconds" in updated and opts.r4u_drain_seconds < 0:
+            raise exceptions.OptionsError("r4u_drain_seconds must be 0 or more")
+        if "r4u_api_url" in updated and not opts.r4u_api_url.startswith(("http://", "https://")):
+            raise exceptions.OptionsError(f"r4u_api_url must be an http:// or https:// URL, not {opts.r4u_api_url!r}")
+        if "r4u_ca_file" in updated and opts.r4u_ca_file and not os.path.isfile(opts.r4u_ca_file):
+            raise exceptions.OptionsError(f"r4u_ca_file: no such file: {opts.r4u_ca_file}")
+        if updated & DELIVERY_OPTIONS or self.delivery is None:
+            self._replace_delivery()
+
+    def _replace_delivery(self) -> None:
+        opts = ctx.options
+        if self.delivery is not None:
+            self.delivery.stop(None)
+        outbox = opts.r4u_outbox or os.path.join(os.path.expanduser(opts.confdir), OUTBOX_NAME)
+        self.delivery = Delivery(
+            api_url=opts.r4u_api_url,
+            api_key=os.environ.get("R4U_API_KEY") or None,
+            outbox_path=Path(outbox),
+            max_records=opts.r4u_outbox_max_records,
+            max_bytes=opts.r4u_outbox_max_mb * 1024 * 1024,
+            ca_file=opts.r4u_ca_file,
+        )
+        if self.running_:
+            self.delivery.start()
+
+    def running(self) -> None:
+        self.running_ = True
+        self.delivery.start()
+        log.info("r4u-mitm loaded: tracing %s -> %s", ", ".join(ctx.options.r4u_hosts), ctx.options.r4u_api_url)
+
+    def done(self) -> None:
+        """Record the flows still open, then stop delivery: at shutdown, drain within the
+        deadline; on a script reload, leave the outbox to the next instance."""
+        while self.open:
+            _, trace = self.open.popitem()
+            self._record_unfinished(trace.flow, trace)
+        exiting = ctx.master.should_exit.is_set() if ctx.master else True
+        if self.delivery is not None:
+            self.delivery.stop(ctx.options.r4u_drain_seconds if exiting else None)
+            self.delivery = None
+        self.running_ = False
+
+    # Hooks -------------------------------------------------------------------------------------
+
+    @guarded
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        provider = self.rules.match(flow.request.pretty_host, flow.request.port)
+        if provider is None:
+            return
+        properties = _pop_tags(flow.request.headers)
+        if properties.pop(SKIP_TAG, "").strip().lower() in ("1", "true", "yes"):
+            return
+        trace = _Trace(flow, provider, properties)
+        self.open[flow.id] = trace
+        flow.metadata["r4u.trace_id"] = trace.trace_id
+
+    @guarded
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        trace = self.open.get(flow.id)
+        if trace is None:
+            return
+        is_event_stream = "text/event-stream" in flow.response.headers.get("content-type", "")
+        if is_event_stream or flow.response.stream is True:
+            trace.tap = Tap(ctx.options.r4u_max_body_bytes)
+            flow.response.stream = trace.tap
+
+    @guarded
+    def response(self, flow: http.HTTPFlow) -> None:
+        trace = self.open.pop(flow.id, None)
+        if trace is None:
+            return
+        if trace.tap is not None and not trace.tap.truncated:
+            flow.response.raw_content = b"".join(trace.tap.pieces)  # so mitmweb and -w files show it
+        self._submit(flow, trace)
+
+    @guarded
+    def error(self, flow: http.HTTPFlow) -> None:
+        trace = self.open.pop(flow.id, None)
+        if trace is None:
+            return
+        self._submit(flow, trace)
+
+    @guarded
+    def _record_unfinished(self, flow: http.HTTPFlow, trace: _Trace) -> None:
+        self._submit(flow, trace, note="proxy stopped before the exchange finished")
+
+    # Freezing an exchange -------------------------------------------------------------------------
+
+    def _submit(self, flow: http.HTTPFlow, trace: _Trace, note: str | None = None) -> None:
+        exchange = freeze(flow, trace_id=trace.trace_id, provider=trace.provider, properties=trace.properties,
+                          tap=trace.tap, note=note)
+        self.traced += 1
+        opts = ctx.options
+        self.delivery.submit(functools.partial(
+            build_record, exchange, max_body_bytes=opts.r4u_max_body_bytes, redact=tuple(opts.r4u_redact_headers)
+        ))
+
+    @command.command("r4u.status")
+    def status(self) -> str:
+        """Show r4u-mitm's delivery state: traces pending, delivered, retried, dead-lettered, dropped."""
+        state = dict(self.delivery.status()) if self.delivery else {}
+        state.update(traced=self.traced, open=len(self.open), internal_errors=self.internal_errors)
+        return ", ".join(f"{k}={v}" for k, v in state.items())
+
+    @command.command("r4u.flush")
+    def flush(self) -> None:
+        """Try to deliver pending traces to R4U now."""
+        if self.delivery:
+            self.delivery.flush()
+
+
+def _pop_tags(headers) -> dict[str, str]:
+    """Remove the app's `X-R4U-<Name>` headers (they must not reach the upstream) and return
+    them as trace properties, names lower-cased."""
+    found = {k: v for k, v in headers.items(multi=True) if k.lower().startswith(TAG_PREFIX)}
+    for name in found:
+        del headers[name]
+    return {k[len(TAG_PREFIX):].lower(): v for k, v in found.items()}
+
+
+addons = [R4UTracer()]

@@ -1,0 +1,65 @@
+"""A mitmproxy flow → a `record.Exchange` (plain data). Shared by the live addon and backfill;
+the only module besides the addon that knows mitmproxy's flow objects."""
+
+from __future__ import annotations
+
+import time
+
+from mitmproxy import http
+
+from r4u_mitm.record import Exchange
+from r4u_mitm.tap import Tap
+
+NOT_STORED = "response body not stored (streamed by mitmproxy without store_streamed_bodies)"
+
+
+def freeze(flow: http.HTTPFlow, *, trace_id: str, provider: str, properties: dict[str, str] | None = None,
+           tap: Tap | None = None, note: str | None = None) -> Exchange:
+    """Copy what the record needs out of `flow` (cheap: bodies are referenced, not copied).
+
+    Times become monotonic seconds; a teed stream brings its own piece arrival times and end.
+    Without a tap (a buffered body, a flow read from a file) no piece times are known."""
+    req, resp = flow.request, flow.response
+    now_wall, now_mono = time.time(), time.monotonic()
+
+    def mono(wall: float | None) -> float | None:
+        return None if wall is None else now_mono - (now_wall - wall)
+
+    error = flow.error.msg if flow.error else None
+    ended_wall = flow.error.timestamp if flow.error else (resp.timestamp_end if resp else None)
+    exchange = Exchange(
+        trace_id=trace_id,
+        provider=provider,
+        url=req.pretty_url,
+        method=req.method,
+        path=req.path.split("?", 1)[0],
+        request_headers=_pairs(req.headers),
+        request_body=req.raw_content,
+        started_wall=req.timestamp_start,
+        started=mono(req.timestamp_start),
+        ended=mono(ended_wall) if ended_wall else now_mono,
+        transport_error=error,
+        properties=dict(properties or {}),
+        note=note,
+    )
+    if resp is None:
+        return exchange
+    exchange.status_code = resp.status_code
+    exchange.response_headers = _pairs(resp.headers)
+    exchange.headers_at = mono(resp.timestamp_start)
+    exchange.stream = "text/event-stream" in resp.headers.get("content-type", "")
+    if tap is not None:
+        exchange.pieces, exchange.piece_times = tap.pieces, tap.times
+        exchange.wire_bytes, exchange.truncated = tap.wire_bytes, tap.truncated
+        if tap.ended_at is not None and error is None:
+            exchange.ended = tap.ended_at
+    elif resp.raw_content is None:
+        exchange.note = exchange.note or NOT_STORED
+    else:
+        exchange.pieces = [resp.raw_content]
+        exchange.wire_bytes = len(resp.raw_content)
+    return exchange
+
+
+def _pairs(headers) -> list[tuple[str, str]]:
+    return list(headers.items(multi=True))

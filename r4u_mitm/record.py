@@ -1,0 +1,266 @@
+"""An exchange, as plain data, into the record R4U ingests (`POST /v1/http-traces`).
+
+Runs once per exchange on the delivery's store thread, never on the event loop: this is where
+bodies are decoded, streams parsed and timings derived. Knows nothing of mitmproxy.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from r4u_mitm import providers
+from r4u_mitm.encoding import BodyDecoder, decode_body
+from r4u_mitm.sse import SSEDecoder
+
+REDACTED = "[REDACTED]"
+
+# Header names whose values are secrets, whatever the provider. `SECRET_HEADER_PARTS` catches
+# the rest by name (`x-goog-api-key`, `x-auth-token`, ...) without taking useful headers such as
+# `x-ratelimit-remaining-tokens` (ends in `-tokens`, not `-token`).
+SECRET_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "api-key", "x-api-key", "openai-api-key",
+    "anthropic-api-key", "cookie", "set-cookie",
+})
+SECRET_HEADER_PARTS = ("api-key", "apikey", "secret", "auth")
+SECRET_HEADER_SUFFIXES = ("-key", "-token")
+SECRET_QUERY_PARAMS = frozenset({
+    "api-key", "api_key", "apikey", "key", "token", "access_token", "sig", "signature", "secret",
+    "client_secret", "password",
+})
+
+BINARY_TYPES = ("audio/", "image/", "video/", "multipart/", "application/octet-stream",
+                "application/zip", "application/pdf")
+TEXT_TYPES = ("text/", "json", "xml", "event-stream", "x-www-form-urlencoded", "javascript")
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One HTTP exchange, frozen when its flow ended. Times are monotonic seconds, except
+    `started_wall` (wall clock at request start)."""
+
+    trace_id: str
+    provider: str
+    url: str
+    method: str
+    path: str
+    request_headers: list[tuple[str, str]]
+    request_body: bytes | None
+    started_wall: float
+    started: float
+    ended: float
+    status_code: int = 0
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
+    headers_at: float | None = None
+    stream: bool = False
+    pieces: list[bytes] = field(default_factory=list)
+    piece_times: list[float] = field(default_factory=list)
+    wire_bytes: int = 0
+    truncated: bool = False
+    transport_error: str | None = None
+    properties: dict[str, str] = field(default_factory=dict)
+    note: str | None = None
+
+
+def build_record(ex: Exchange, *, max_body_bytes: int, redact: Iterable[str] = ()) -> dict:
+    """The R4U record for `ex`, per the ingestion contract (see docs/record.md)."""
+    extra = frozenset(name.lower() for name in redact)
+    req_type = _header(ex.request_headers, "content-type")
+    resp_type = _header(ex.response_headers, "content-type")
+    request_text, _, _ = _body_text(
+        ex.request_body or b"", _header(ex.request_headers, "content-encoding"), req_type, max_body_bytes
+    )
+    meta: dict = {
+        "url": redact_url(ex.url),
+        "provider": ex.provider,
+        "trace_id": ex.trace_id,
+        "stream": ex.stream,
+        "stream_complete": None,
+        "events": 0,
+        "ttfb_ms": _ms(ex.headers_at, ex.started),
+        "ttft_ms": None,
+        "duration_ms": _ms(ex.ended, ex.started),
+        "response_bytes": ex.wire_bytes,
+        "model": None,
+        "finish_reason": None,
+        "usage": None,
+        "upstream_request_id": _header(ex.response_headers, "x-request-id"),
+    }
+    encoding = _header(ex.response_headers, "content-encoding")
+    if ex.stream:
+        response_text, summary, ttft_at, truncated, decode_error = _read_stream(ex, encoding, max_body_bytes)
+        truncated = truncated or ex.truncated
+        meta.update(events=summary.events, ttft_ms=_ms(ttft_at, ex.started), model=summary.model,
+                    finish_reason=summary.finish_reason, usage=summary.usage)
+        # A truncated trace saw only part of the stream: completeness is unknown, not false.
+        meta["stream_complete"] = True if summary.complete else (None if truncated else False)
+        provider_error = summary.error
+    else:
+        response_text, truncated, decode_error = _body_text(
+            b"".join(ex.pieces), encoding, resp_type, max_body_bytes
+        )
+        found = providers.body_summary(ex.provider, ex.path, response_text)
+        meta.update(model=found.get("model"), finish_reason=found.get("finish_reason"), usage=found.get("usage"))
+        summary = None
+        provider_error = found.get("error")
+        truncated = truncated or ex.truncated
+    if truncated:
+        meta["truncated"] = True
+    if decode_error:
+        meta["decode_error"] = decode_error
+    if ex.properties:
+        meta["properties"] = dict(ex.properties)
+    return {
+        "started_at": _iso(ex.started_wall),
+        "completed_at": _iso(ex.started_wall + max(0.0, ex.ended - ex.started)),
+        "status_code": ex.status_code,
+        "request": request_text,
+        "request_headers": redact_headers(ex.request_headers, extra),
+        "response": response_text,
+        "response_headers": redact_headers(ex.response_headers, extra),
+        "error": _error(ex, summary, provider_error, truncated),
+        "path": None,
+        "request_method": ex.method,
+        "request_path": ex.path,
+        "metadata": meta,
+    }
+
+
+def _read_stream(ex: Exchange, encoding: str | None, limit: int):
+    """Decode and parse a teed event stream piece by piece, timing the first output event by
+    the arrival of the piece that completed it."""
+    body = BodyDecoder(encoding, limit)
+    decoder = SSEDecoder()
+    summary = providers.stream_summary(ex.provider, ex.path)
+    decoded: list[bytes] = []
+    ttft_at: float | None = None
+    times = ex.piece_times if len(ex.piece_times) == len(ex.pieces) else [None] * len(ex.pieces)
+    for piece, at in zip(ex.pieces, times):
+        chunk = body.feed(piece)
+        if chunk:
+            decoded.append(chunk)
+            for event in decoder.feed(chunk):
+                if summary.add(event) and ttft_at is None:
+                    ttft_at = at
+    tail = body.finish()
+    if tail:
+        decoded.append(tail)
+    for event in [*decoder.feed(tail), *decoder.finish()]:
+        if summary.add(event) and ttft_at is None and ex.piece_times:
+            ttft_at = ex.ended
+    text = _text(b"".join(decoded), _header(ex.response_headers, "content-type"))
+    return text, summary, ttft_at, body.truncated, body.error
+
+
+def _body_text(raw: bytes, encoding: str | None, content_type: str | None, limit: int):
+    """(text, truncated, decode_error) for a whole body: decoded from its Content-Encoding and
+    charset; binary bodies become a short placeholder (R4U would read hex-looking text as hex)."""
+    mime = (content_type or "").split(";", 1)[0].strip().lower()
+    if mime.startswith(BINARY_TYPES):
+        return _placeholder(len(raw), mime), False, None
+    data, truncated, error = decode_body(encoding, raw, limit) if raw else (b"", False, None)
+    if any(t in mime for t in TEXT_TYPES):
+        return _text(data, content_type), truncated, error
+    try:
+        return _text(data, content_type, "strict"), truncated, error
+    except UnicodeDecodeError:
+        return _placeholder(len(raw), mime or "unknown type"), False, error
+
+
+def _error(ex: Exchange, summary, provider_error: str | None, truncated: bool) -> str | None:
+    """What went wrong, in a short sentence; None for a complete, successful exchange."""
+    if ex.note:
+        return ex.note
+    if provider_error:
+        return provider_error if ex.status_code < 400 else f"HTTP {ex.status_code}: {provider_error}"
+    if ex.status_code >= 400:
+        return f"HTTP {ex.status_code}"
+    if summary is not None and summary.complete:
+        return None  # the terminal event was seen: whatever the transport said afterwards
+    if ex.transport_error:
+        where = f" after {summary.events} events" if summary is not None else ""
+        return f"{who_ended(ex.transport_error)}{where}: {ex.transport_error}"
+    if ex.status_code == 0:
+        return "no response"
+    if summary is not None and not truncated:
+        return f"stream ended by the upstream before its terminal event, after {summary.events} events"
+    return None
+
+
+def who_ended(message: str) -> str:
+    """Say who ended an exchange, from mitmproxy's error message."""
+    text = message.lower()
+    if "client" in text:
+        return "client aborted"
+    if "timeout" in text or "timed out" in text:
+        return "timeout"
+    if "killed" in text:
+        return "killed"
+    return "upstream failed"
+
+
+def redact_headers(pairs: Iterable[tuple[str, str]], extra: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Headers as R4U stores them (name → value; repeated names joined), secrets replaced."""
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        if is_secret_header(name, extra):
+            value = REDACTED
+        key = name.lower()
+        out[key] = f"{out[key]}, {value}" if key in out and value != REDACTED else value
+    return out
+
+
+def is_secret_header(name: str, extra: frozenset[str] = frozenset()) -> bool:
+    key = name.lower()
+    return (
+        key in SECRET_HEADERS
+        or key in extra
+        or any(part in key for part in SECRET_HEADER_PARTS)
+        or key.endswith(SECRET_HEADER_SUFFIXES)
+    )
+
+
+def redact_url(url: str) -> str:
+    """The URL with secret-bearing query parameters (Azure `api-key=`, Google `key=`) redacted."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    query = [
+        (k, REDACTED if k.lower() in SECRET_QUERY_PARAMS else v)
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="[]")))
+
+
+def _header(pairs: list[tuple[str, str]], name: str) -> str | None:
+    for key, value in pairs:
+        if key.lower() == name:
+            return value
+    return None
+
+
+_CHARSET = re.compile(r"charset\s*=\s*\"?([\w.:-]+)", re.I)
+
+
+def _text(data: bytes, content_type: str | None, errors: str = "replace") -> str:
+    """Bytes to text in the declared charset (UTF-8 when none or unknown)."""
+    found = _CHARSET.search(content_type or "")
+    try:
+        return data.decode(found.group(1) if found else "utf-8", errors)
+    except LookupError:
+        return data.decode("utf-8", errors)
+
+
+def _placeholder(size: int, mime: str) -> str:
+    return f"[binary {size} bytes, {mime}]"
+
+
+def _ms(at: float | None, origin: float) -> float | None:
+    return None if at is None else round(max(0.0, at - origin) * 1000, 3)
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()

@@ -1,0 +1,47 @@
+"""The stream tee: the one piece of r4u-mitm that runs for every chunk of a traced stream."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class Tap:
+    """A stream callable for mitmproxy (`flow.response.stream = tap`).
+
+    It returns every piece unchanged, at once, and keeps a reference to it with its arrival time
+    (monotonic). All decoding happens later, once per exchange, off the event loop: the per-piece
+    cost is an append and a clock read. Pieces beyond `limit` kept bytes are passed on but not
+    kept (`truncated`). It never raises: an exception in a stream callable drops the piece for
+    the client.
+    """
+
+    __slots__ = ("pieces", "times", "wire_bytes", "kept_bytes", "limit", "truncated", "ended_at", "_clock")
+
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.pieces: list[bytes] = []
+        self.times: list[float] = []
+        self.wire_bytes = 0
+        self.kept_bytes = 0
+        self.limit = limit
+        self.truncated = False
+        self.ended_at: float | None = None
+        self._clock = clock
+
+    def __call__(self, piece: bytes) -> bytes:
+        try:
+            if piece:
+                size = len(piece)
+                self.wire_bytes += size
+                if self.kept_bytes < self.limit:
+                    at = self._clock()
+                    self.pieces.append(piece)
+                    self.times.append(at)
+                    self.kept_bytes += size
+                else:
+                    self.truncated = True
+            else:  # mitmproxy's end-of-body call
+                self.ended_at = self._clock()
+        except Exception:  # noqa: BLE001 - the pass-through must survive anything
+            pass
+        return piece

@@ -1,0 +1,103 @@
+"""Fixtures for the end-to-end tests: a fake OpenAI upstream (TLS), a fake R4U, a real mitmdump
+with the addon between them, and the real openai SDK as the app."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+
+from tests.harness import SHARED, Mitmdump
+
+# What the app uses as its API key: it must never reach R4U, a log or the outbox.
+SECRET = "sk-test-SECRET-4f9c2a7e1b3d5f8a0c6e"
+
+
+@pytest.fixture(scope="session")
+def upstream():
+    from tests.fakes.upstream import FakeUpstream
+
+    fake = FakeUpstream(tls=True)
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def r4u():
+    from tests.fakes.r4u import FakeR4U
+
+    fake = FakeR4U()
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def proxy(tmp_path_factory, upstream, r4u):
+    with Mitmdump(tmp_path_factory.mktemp("proxy"), r4u_url=r4u.url, upstream_port=upstream.port) as p:
+        yield p
+
+
+@pytest.fixture
+def app_env(proxy, monkeypatch):
+    """The app's environment: only proxy variables and the CA, as a user would set them."""
+    for key, value in proxy.client_env().items():
+        monkeypatch.setenv(key, value)
+    return proxy
+
+
+@pytest.fixture
+def openai_client(app_env):
+    import openai
+
+    return openai.OpenAI(api_key=SECRET, max_retries=0)
+
+
+@pytest.fixture
+def async_openai_client(app_env):
+    import openai
+
+    return openai.AsyncOpenAI(api_key=SECRET, max_retries=0)
+
+
+@pytest.fixture
+def tag():
+    """A unique X-R4U-Test tag: finds this test's traces among the session's."""
+    return uuid.uuid4().hex
+
+
+def headers(tag: str, **fake: object) -> dict[str, str]:
+    """extra_headers for one request: the test tag, and what the fake upstream should do."""
+    out = {"X-R4U-Test": tag}
+    if fake:
+        out["x-fake"] = ";".join(f"{k}={v}" for k, v in fake.items())
+    return out
+
+
+def traces_for(r4u, tag: str, n: int = 1, timeout: float = 20) -> list[dict]:
+    """Wait until R4U holds `n` traces tagged `tag` (then a moment more, to catch extras)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [t for t in list(r4u.received) if t.get("metadata", {}).get("properties", {}).get("test") == tag]
+        if len(found) >= n:
+            time.sleep(0.3)
+            found = [t for t in list(r4u.received) if t.get("metadata", {}).get("properties", {}).get("test") == tag]
+            assert len(found) == n, f"expected {n} traces for {tag}, got {len(found)}"
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"R4U got {len(found)} of {n} traces tagged {tag} within {timeout}s")
+        time.sleep(0.05)
+
+
+def stream_bytes(name: str) -> bytes:
+    return (SHARED / "streams" / name).read_bytes()
+
+
+def assert_no_secret(*things: object) -> None:
+    for thing in things:
+        text = thing if isinstance(thing, str) else json.dumps(thing, ensure_ascii=False)
+        assert SECRET not in text
+        assert SECRET[-12:] not in text

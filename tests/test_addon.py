@@ -1,0 +1,142 @@
+"""The addon's hooks, fast, with mitmproxy's own test helpers (the real path is in test_tracer_e2e)."""
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.test import taddons, tflow, tutils
+
+from r4u_mitm import addon as addon_module
+from r4u_mitm.addon import R4UTracer
+from r4u_mitm.tap import Tap
+
+
+class Submitted:
+    """Stands in for the delivery: keeps what the addon hands over."""
+
+    def __init__(self):
+        self.records = []
+
+    def submit(self, make_record):
+        self.records.append(make_record())
+
+    def stop(self, drain_seconds):
+        pass
+
+    def status(self):
+        return {"pending": 0}
+
+
+@pytest.fixture
+def tracer(tmp_path):
+    tracer = R4UTracer()
+    with taddons.context(tracer) as tctx:
+        tctx.configure(tracer, r4u_outbox=str(tmp_path / "outbox.sqlite"), r4u_api_url="http://127.0.0.1:9")
+        tracer.delivery.stop(None)
+        tracer.delivery = Submitted()
+        yield tracer, tctx
+
+
+def openai_flow(path="/v1/chat/completions", host="api.openai.com", **headers):
+    flow = tflow.tflow(req=tutils.treq(host=host, port=443, scheme=b"https", path=path.encode(),
+                                       headers=((b"content-type", b"application/json"),)))
+    flow.request.headers["host"] = host
+    for name, value in headers.items():
+        flow.request.headers[name.replace("_", "-")] = value
+    return flow
+
+
+def sse_response(flow):
+    flow.response = tutils.tresp(headers=((b"content-type", b"text/event-stream"),), content=None)
+    return flow
+
+
+def test_traces_only_matching_hosts(tracer):
+    t, _ = tracer
+    other, ours = openai_flow(host="example.com"), openai_flow()
+    t.requestheaders(other)
+    t.requestheaders(ours)
+    assert list(t.open) == [ours.id]
+    assert ours.metadata["r4u.trace_id"] == t.open[ours.id].trace_id
+
+
+def test_tags_are_removed_before_upstream_and_skip_means_untraced(tracer):
+    t, _ = tracer
+    flow = openai_flow(X_R4U_Session="s1", X_R4U_Feature="search")
+    t.requestheaders(flow)
+    assert t.open[flow.id].properties == {"session": "s1", "feature": "search"}
+    assert not any(k.lower().startswith("x-r4u-") for k in flow.request.headers)
+    skipped = openai_flow(X_R4U_Skip="1")
+    t.requestheaders(skipped)
+    assert skipped.id not in t.open and "x-r4u-skip" not in skipped.request.headers
+
+
+def test_event_streams_get_the_tap_and_json_is_left_buffered(tracer):
+    t, _ = tracer
+    stream, plain = sse_response(openai_flow()), openai_flow()
+    plain.response = tutils.tresp(headers=((b"content-type", b"application/json"),))
+    for flow in (stream, plain):
+        t.requestheaders(flow)
+        t.responseheaders(flow)
+    assert isinstance(stream.response.stream, Tap)
+    assert plain.response.stream is False
+
+
+def test_one_record_per_exchange_whatever_ends_it(tracer):
+    t, _ = tracer
+    flow = sse_response(openai_flow())
+    t.requestheaders(flow)
+    t.responseheaders(flow)
+    for piece in (b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n', b"data: [DONE]\n\n", b""):
+        assert flow.response.stream(piece) == piece
+    t.response(flow)
+    t.error(flow)  # a late error for the same flow adds nothing
+    (record,) = t.delivery.records
+    assert record["metadata"]["stream_complete"] is True and record["metadata"]["events"] == 2
+    assert flow.response.raw_content.endswith(b"data: [DONE]\n\n")  # visible in mitmweb and -w files
+
+
+def test_open_flows_are_recorded_at_shutdown(tracer):
+    t, tctx = tracer
+    flow = openai_flow()
+    t.requestheaders(flow)
+    delivery = t.delivery
+    t.done()
+    (record,) = delivery.records
+    assert record["error"] == "proxy stopped before the exchange finished"
+    assert record["status_code"] == 0
+
+
+def test_a_fault_inside_the_addon_never_reaches_the_flow(tracer, monkeypatch):
+    t, _ = tracer
+
+    class BrokenRules:
+        def match(self, *args):
+            raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(t, "rules", BrokenRules())
+    flow = openai_flow(X_R4U_Session="s1")
+    assert t.requestheaders(flow) is None
+    assert t.internal_errors == 1 and "x-r4u-session" in flow.request.headers  # untouched
+    assert "internal_errors=1" in t.status()
+
+
+def test_a_fault_while_building_the_record_is_contained(tracer, monkeypatch):
+    t, _ = tracer
+    monkeypatch.setattr(addon_module, "freeze", lambda *a, **k: 1 / 0)
+    flow = openai_flow()
+    t.requestheaders(flow)
+    flow.response = tutils.tresp()
+    t.response(flow)
+    assert t.internal_errors == 1 and t.delivery.records == []
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("r4u_hosts", ["api.openai.com=nonsense"], "r4u_hosts"),
+    ("r4u_max_body_bytes", 0, "r4u_max_body_bytes"),
+    ("r4u_api_url", "ftp://x", "r4u_api_url"),
+    ("r4u_ca_file", "/no/such/ca.pem", "r4u_ca_file"),
+    ("r4u_drain_seconds", -1, "r4u_drain_seconds"),
+])
+def test_bad_options_are_refused_clearly(tracer, option, value, message):
+    t, tctx = tracer
+    with pytest.raises(exceptions.OptionsError, match=message):
+        tctx.configure(t, **{option: value})

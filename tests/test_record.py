@@ -1,0 +1,155 @@
+import gzip
+import json
+from datetime import datetime
+
+from r4u_mitm.record import REDACTED, Exchange, build_record, redact_headers, redact_url, who_ended
+from tests.harness import SHARED
+
+SECRET = "sk-record-SECRET-123456"
+BASIC = (SHARED / "streams" / "openai_chat" / "basic.sse").read_bytes()
+
+
+def exchange(**kw) -> Exchange:
+    base = dict(
+        trace_id="t-1", provider="openai", url="https://api.openai.com/v1/chat/completions", method="POST",
+        path="/v1/chat/completions",
+        request_headers=[("Authorization", f"Bearer {SECRET}"), ("content-type", "application/json")],
+        request_body=b'{"model":"gpt-4o","stream":true}', started_wall=1_700_000_000.0, started=100.0,
+        ended=102.5, status_code=200, headers_at=100.2,
+        response_headers=[("content-type", "text/event-stream; charset=utf-8"), ("x-request-id", "req_1"),
+                          ("set-cookie", f"__cf_bm={SECRET}"), ("x-ratelimit-remaining-tokens", "999")],
+    )
+    base.update(kw)
+    return Exchange(**base)
+
+
+def streamed(raw: bytes, cut: int | None = None, **kw) -> Exchange:
+    """A stream teed in 7-byte pieces, one every 10 ms from t=100.3."""
+    raw = raw if cut is None else raw[:cut]
+    pieces = [raw[i:i + 7] for i in range(0, len(raw), 7)]
+    return exchange(stream=True, pieces=pieces, piece_times=[100.3 + i * 0.01 for i in range(len(pieces))],
+                    wire_bytes=len(raw), **kw)
+
+
+def test_complete_stream_record_follows_the_contract():
+    record = build_record(streamed(BASIC), max_body_bytes=1 << 20)
+    assert record["response"] == BASIC.decode()
+    assert record["error"] is None and record["status_code"] == 200
+    assert record["request"] == '{"model":"gpt-4o","stream":true}'
+    assert record["request_method"] == "POST" and record["request_path"] == "/v1/chat/completions"
+    started, completed = (datetime.fromisoformat(record[k]) for k in ("started_at", "completed_at"))
+    assert started.utcoffset().total_seconds() == 0
+    assert (completed - started).total_seconds() == 2.5
+    meta = record["metadata"]
+    assert meta["trace_id"] == "t-1" and meta["stream"] is True and meta["stream_complete"] is True
+    assert meta["events"] == BASIC.count(b"\n\n")
+    assert meta["ttfb_ms"] == 200.0 and meta["duration_ms"] == 2500.0
+    # The first content delta is the second event: ttft is the arrival of the piece completing it.
+    second_event_end = BASIC.index(b"\n\n", BASIC.index(b"\n\n") + 2) + 2
+    assert meta["ttft_ms"] == round((0.3 + ((second_event_end - 1) // 7) * 0.01) * 1000, 3)
+    assert meta["model"] == "gpt-4.1-mini-2025-04-14" and meta["finish_reason"] == "stop"
+    assert meta["upstream_request_id"] == "req_1" and meta["response_bytes"] == len(BASIC)
+    assert SECRET not in json.dumps(record)
+    assert record["response_headers"]["x-ratelimit-remaining-tokens"] == "999"
+
+
+def test_transport_error_after_the_terminal_event_is_no_error():
+    record = build_record(streamed(BASIC, transport_error="Client disconnected."), max_body_bytes=1 << 20)
+    assert record["error"] is None and record["metadata"]["stream_complete"] is True
+
+
+def test_stream_cut_before_its_end_keeps_the_partial_text_and_says_who():
+    cut = BASIC.index(b"\n\n", 600) + 2
+    record = build_record(streamed(BASIC, cut=cut, transport_error="Client disconnected."), max_body_bytes=1 << 20)
+    assert record["response"] == BASIC[:cut].decode()
+    assert record["metadata"]["stream_complete"] is False
+    assert record["error"].startswith("client aborted after ")
+    upstream = build_record(streamed(BASIC, cut=cut), max_body_bytes=1 << 20)
+    assert upstream["error"].startswith("stream ended by the upstream before its terminal event")
+
+
+def test_provider_error_in_stream_is_the_error():
+    raw = (SHARED / "streams" / "openai_chat" / "error_midstream.sse").read_bytes()
+    record = build_record(streamed(raw), max_body_bytes=1 << 20)
+    assert "The server had an error" in record["error"]
+
+
+def test_non_stream_error_answer():
+    body = b'{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}'
+    ex = exchange(status_code=429, response_headers=[("content-type", "application/json")], pieces=[body])
+    record = build_record(ex, max_body_bytes=1 << 20)
+    assert record["error"].startswith("HTTP 429: ") and "Rate limit reached" in record["error"]
+    assert record["metadata"]["stream_complete"] is None
+    plain = build_record(exchange(status_code=503, response_headers=[("content-type", "text/plain")],
+                                  pieces=[b"upstream unavailable"]), max_body_bytes=1 << 20)
+    assert plain["error"] == "HTTP 503" and plain["response"] == "upstream unavailable"
+
+
+def test_no_response_at_all():
+    record = build_record(exchange(status_code=0, response_headers=[], transport_error="connection refused"),
+                          max_body_bytes=1 << 20)
+    assert record["status_code"] == 0 and record["response"] == "" and record["response_headers"] == {}
+    assert record["error"] == "upstream failed: connection refused"
+
+
+def test_bodies_are_decoded_from_their_content_encoding():
+    body = json.dumps({"id": "chatcmpl-1", "model": "gpt-4o", "choices": []}).encode()
+    ex = exchange(request_headers=[("content-encoding", "gzip"), ("content-type", "application/json")],
+                  request_body=gzip.compress(b'{"a":1}'),
+                  response_headers=[("content-type", "application/json"), ("content-encoding", "gzip")],
+                  pieces=[gzip.compress(body)])
+    record = build_record(ex, max_body_bytes=1 << 20)
+    assert record["request"] == '{"a":1}' and record["response"] == body.decode()
+    assert record["metadata"]["model"] == "gpt-4o"
+
+
+def test_binary_bodies_become_a_placeholder():
+    ex = exchange(request_headers=[("content-type", "multipart/form-data; boundary=x")], request_body=b"\xff" * 1000,
+                  response_headers=[("content-type", "audio/mpeg")], pieces=[b"ID3" + bytes(range(256))])
+    record = build_record(ex, max_body_bytes=1 << 20)
+    assert record["request"] == "[binary 1000 bytes, multipart/form-data]"
+    assert record["response"] == "[binary 259 bytes, audio/mpeg]"
+    unknown = build_record(exchange(request_headers=[], request_body=b"\x00\xff\xfe"), max_body_bytes=100)
+    assert unknown["request"] == "[binary 3 bytes, unknown type]"
+
+
+def test_truncated_stream_says_so_and_leaves_completeness_unknown():
+    record = build_record(streamed(BASIC, truncated=True, cut=500), max_body_bytes=1 << 20)
+    assert record["metadata"]["truncated"] is True
+    assert record["metadata"]["stream_complete"] is None and record["error"] is None
+    capped = build_record(streamed(BASIC), max_body_bytes=300)
+    assert len(capped["response"].encode()) == 300 and capped["metadata"]["truncated"] is True
+
+
+def test_properties_land_in_metadata():
+    record = build_record(exchange(properties={"session": "s1"}, pieces=[b"{}"],
+                                   response_headers=[("content-type", "application/json")]), max_body_bytes=100)
+    assert record["metadata"]["properties"] == {"session": "s1"}
+
+
+def test_header_redaction_takes_secrets_not_lookalikes():
+    pairs = [("Authorization", "Bearer x"), ("api-key", "x"), ("X-Api-Key", "x"), ("Cookie", "a=b"),
+             ("x-goog-api-key", "x"), ("X-Auth-Token", "x"), ("anthropic-api-key", "x"), ("x-custom-secret", "x"),
+             ("x-ratelimit-remaining-tokens", "10"), ("x-ratelimit-limit-tokens", "20"),
+             ("openai-processing-ms", "5"), ("x-request-id", "req"), ("set-cookie", "a"), ("set-cookie", "b"),
+             ("X-Mine", "m")]
+    out = redact_headers(pairs, frozenset({"x-mine"}))
+    secret = {"authorization", "api-key", "x-api-key", "cookie", "x-goog-api-key", "x-auth-token",
+              "anthropic-api-key", "x-custom-secret", "set-cookie", "x-mine"}
+    assert {k for k, v in out.items() if v == REDACTED} == secret
+    assert out["x-ratelimit-remaining-tokens"] == "10" and out["openai-processing-ms"] == "5"
+
+
+def test_url_query_secrets_are_redacted():
+    url = "https://x.openai.azure.com/openai/deployments/d/chat/completions?api-version=2024-10-21&api-key=SEKRIT"
+    assert redact_url(url) == url.replace("SEKRIT", REDACTED)
+    assert "AIza" not in redact_url("https://generativelanguage.googleapis.com/v1/models?key=AIzaXYZ")
+    assert redact_url("https://api.openai.com/v1/models") == "https://api.openai.com/v1/models"
+
+
+def test_who_ended():
+    assert who_ended("Client disconnected.") == "client aborted"
+    assert who_ended("stream reset by client (CANCEL)") == "client aborted"
+    assert who_ended("peer closed connection") == "upstream failed"
+    assert who_ended("HTTP/1 protocol error: incomplete chunked read") == "upstream failed"
+    assert who_ended("Connection timed out") == "timeout"
