@@ -19,15 +19,13 @@ from typing import Optional
 from mitmproxy import command, ctx, exceptions, http
 
 from r4u_mitm import providers
-from r4u_mitm.flows import freeze
+from r4u_mitm.flows import freeze, pop_tags, skip_requested
 from r4u_mitm.record import build_record
 from r4u_mitm.sender import Delivery
 from r4u_mitm.tap import Tap
 
 log = logging.getLogger("r4u_mitm")
 
-TAG_PREFIX = "x-r4u-"
-SKIP_TAG = "skip"
 OUTBOX_NAME = "r4u-outbox.sqlite"
 DELIVERY_OPTIONS = {"r4u_api_url", "r4u_outbox", "r4u_ca_file", "r4u_outbox_max_records", "r4u_outbox_max_mb"}
 
@@ -174,12 +172,14 @@ class R4UTracer:
         provider = self.rules.match(flow.request.pretty_host, flow.request.port)
         if provider is None:
             return
-        properties = _pop_tags(flow.request.headers)
-        if properties.pop(SKIP_TAG, "").strip().lower() in ("1", "true", "yes"):
+        properties = pop_tags(flow.request.headers)
+        if skip_requested(properties):
             return
         trace = _Trace(flow, provider, properties)
         self.open[flow.id] = trace
-        flow.metadata["r4u.trace_id"] = trace.trace_id
+        flow.metadata["r4u.trace_id"] = trace.trace_id  # saved with the flow: backfill reuses both
+        if properties:
+            flow.metadata["r4u.properties"] = properties
 
     @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -234,15 +234,6 @@ class R4UTracer:
         """Try to deliver pending traces to R4U now."""
         if self.delivery:
             self.delivery.flush()
-
-
-def _pop_tags(headers) -> dict[str, str]:
-    """Remove the app's `X-R4U-<Name>` headers (they must not reach the upstream) and return
-    them as trace properties, names lower-cased."""
-    found = {k: v for k, v in headers.items(multi=True) if k.lower().startswith(TAG_PREFIX)}
-    for name in found:
-        del headers[name]
-    return {k[len(TAG_PREFIX):].lower(): v for k, v in found.items()}
 
 
 addons = [R4UTracer()]

@@ -3,6 +3,7 @@
     r4u-mitm [MITMDUMP ARGS...]          mitmdump with the r4u addon (proxy on :8080)
     r4u-mitm web [MITMWEB ARGS...]       mitmweb with the r4u addon
     r4u-mitm status [--outbox FILE]      what the outbox holds, without a running proxy
+    r4u-mitm backfill FLOWS [...]        deliver the exchanges of a `mitmdump -w` file as traces
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ DEFAULT_OUTBOX = Path("~/.mitmproxy/r4u-outbox.sqlite")
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    command = args[0] if args and args[0] in ("web", "status") else None
+    command = args[0] if args and args[0] in ("web", "status", "backfill") else None
     if command == "status":
         return status(args[1:])
+    if command == "backfill":
+        from r4u_mitm import backfill
+
+        return backfill.main(args[1:])
     from mitmproxy.tools import main as tools
 
     run = tools.mitmweb if command == "web" else tools.mitmdump

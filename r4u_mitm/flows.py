@@ -10,6 +10,7 @@ from mitmproxy import http
 from r4u_mitm.record import Exchange
 from r4u_mitm.tap import Tap
 
+TAG_PREFIX = "x-r4u-"
 NOT_STORED = "response body not stored (streamed by mitmproxy without store_streamed_bodies)"
 
 
@@ -63,3 +64,17 @@ def freeze(flow: http.HTTPFlow, *, trace_id: str, provider: str, properties: dic
 
 def _pairs(headers) -> list[tuple[str, str]]:
     return list(headers.items(multi=True))
+
+
+def pop_tags(headers) -> dict[str, str]:
+    """Remove the app's `X-R4U-<Name>` headers (they must not reach the upstream) and return
+    them as trace properties, names lower-cased."""
+    found = {k: v for k, v in headers.items(multi=True) if k.lower().startswith(TAG_PREFIX)}
+    for name in found:
+        del headers[name]
+    return {k[len(TAG_PREFIX):].lower(): v for k, v in found.items()}
+
+
+def skip_requested(properties: dict[str, str]) -> bool:
+    """`X-R4U-Skip: 1` (or true/yes): the app asks for this exchange not to be traced."""
+    return properties.pop("skip", "").strip().lower() in ("1", "true", "yes")

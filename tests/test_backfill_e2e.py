@@ -1,0 +1,63 @@
+"""`r4u-mitm backfill`: the exchanges of a `mitmdump -w` file reach R4U as traces."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+
+from r4u_mitm.flows import NOT_STORED
+from tests.conftest import SECRET, assert_no_secret, headers, stream_bytes, traces_for
+from tests.harness import Mitmdump
+
+CLI = Path(sys.executable).parent / "r4u-mitm"
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def record_flows(tmp_path, upstream, monkeypatch, tag, options=None) -> Path:
+    """Plain mitmdump (no addon) saving flows, with the app making two OpenAI calls."""
+    flows = tmp_path / "flows.mitm"
+    with Mitmdump(tmp_path / "dump", addon=False, upstream_port=upstream.port, options=options,
+                  args=("-w", str(flows))) as proxy:
+        for key, value in proxy.client_env().items():
+            monkeypatch.setenv(key, value)
+        client = openai.OpenAI(api_key=SECRET, max_retries=0)
+        client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, extra_headers=headers(tag))
+        list(client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, stream=True,
+                                            extra_headers=headers(tag, stream="openai_chat/basic.sse")))
+    return flows
+
+
+def backfill(flows: Path, r4u, outbox: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, "backfill", str(flows), "--r4u-url", r4u.url, "--outbox", str(outbox), "--wait", "20"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_backfill_delivers_saved_flows_once_per_exchange(tmp_path, upstream, r4u, monkeypatch, tag):
+    flows = record_flows(tmp_path, upstream, monkeypatch, tag)
+    run = backfill(flows, r4u, tmp_path / "outbox.sqlite")
+    assert run.returncode == 0, run.stderr
+    assert "2 traced" in run.stderr
+    plain, streamed = sorted(traces_for(r4u, tag, 2), key=lambda t: t["metadata"]["stream"])
+    assert plain["error"] is None and plain["metadata"]["url"] == "https://api.openai.com/v1/chat/completions"
+    assert streamed["response"] == stream_bytes("openai_chat/basic.sse").decode()
+    assert streamed["metadata"]["stream_complete"] is True and streamed["metadata"]["ttft_ms"] is None
+    assert_no_secret(plain, streamed)
+    # The same file again: the same trace ids, so R4U (or whoever reads it) can tell duplicates.
+    assert backfill(flows, r4u, tmp_path / "outbox2.sqlite").returncode == 0
+    again = traces_for(r4u, tag, 4)
+    assert len({t["metadata"]["trace_id"] for t in again}) == 2
+
+
+def test_flows_saved_without_streamed_bodies_say_so(tmp_path, upstream, r4u, monkeypatch, tag):
+    flows = record_flows(tmp_path, upstream, monkeypatch, tag, options={"stream_large_bodies": "1"})
+    assert backfill(flows, r4u, tmp_path / "outbox.sqlite").returncode == 0
+    notes = sorted(t["error"] or "" for t in traces_for(r4u, tag, 2))
+    assert notes == [NOT_STORED, NOT_STORED]
+
+
+def test_backfill_refuses_a_missing_file(tmp_path, r4u):
+    run = backfill(tmp_path / "nope.mitm", r4u, tmp_path / "outbox.sqlite")
+    assert run.returncode == 2 and "no such flow file" in run.stderr
