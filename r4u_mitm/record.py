@@ -79,7 +79,7 @@ def build_record(ex: Exchange, *, max_body_bytes: int, redact: Iterable[str] = (
         "trace_id": ex.trace_id,
         "stream": ex.stream,
         "stream_complete": None,
-        "events": 0,
+        "events": None,
         "ttfb_ms": _ms(ex.headers_at, ex.started),
         "ttft_ms": None,
         "duration_ms": _ms(ex.ended, ex.started),

@@ -34,7 +34,7 @@ ensure_venv() {
         echo "creating $venv with $py" >&2
         "$py" -m venv "$venv" || exit 1
     fi
-    stamp="$venv/.r4u-installed"
+    stamp="$venv/.r4u-installed-${extras:-base}"
     want="$extras $(cksum < "$root/pyproject.toml")"
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         echo "installing r4u-mitm${extras:+[$extras]} into $venv" >&2
