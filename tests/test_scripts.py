@@ -38,3 +38,45 @@ def test_scripts_run_starts_the_proxy_with_the_addon(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def test_readme_curl_through_the_proxy(proxy, r4u, tag):
+    from tests.conftest import SECRET, traces_for
+
+    run = subprocess.run(["curl", "-sS", "--proxy", proxy.url, "--cacert", str(proxy.ca_file),
+                          "https://api.openai.com/v1/models", "-H", f"Authorization: Bearer {SECRET}",
+                          "-H", f"X-R4U-Test: {tag}"], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    assert '"object":"list"' in run.stdout.replace(" ", "")
+    (trace,) = traces_for(r4u, tag)
+    assert trace["request_headers"]["authorization"] == "[REDACTED]"
+
+
+def test_readme_node_app_in_reverse_mode(tmp_path, upstream, r4u, tag):
+    """Any Node app, unchanged, through reverse mode: only its base URL points at mitmproxy."""
+    import shutil
+
+    from tests.conftest import SECRET, traces_for
+    from tests.harness import Mitmdump
+
+    if shutil.which("node") is None:
+        import pytest
+
+        pytest.skip("node is not installed")
+    app = tmp_path / "app.mjs"
+    app.write_text(
+        "const base = process.env.OPENAI_BASE_URL;\n"
+        "const r = await fetch(`${base}/chat/completions`, {method: 'POST', headers: {\n"
+        "  'content-type': 'application/json', authorization: `Bearer ${process.env.OPENAI_API_KEY}`,\n"
+        f"  'x-r4u-test': '{tag}'}},\n"
+        "  body: JSON.stringify({model: 'gpt-4o-mini', stream: true, messages: [{role: 'user', content: 'hi'}]})});\n"
+        "const text = await r.text();\n"
+        "console.log(text.includes('data: [DONE]') ? 'stream ok' : 'stream broken');\n"
+    )
+    with Mitmdump(tmp_path / "proxy", r4u_url=r4u.url, upstream_port=upstream.port,
+                  args=("--mode", "reverse:https://api.openai.com")) as proxy:
+        env = {**os.environ, "OPENAI_BASE_URL": f"{proxy.url}/v1", "OPENAI_API_KEY": SECRET}
+        run = subprocess.run(["node", str(app)], capture_output=True, text=True, timeout=60, env=env)
+    assert run.stdout.strip() == "stream ok", run.stderr
+    (trace,) = traces_for(r4u, tag)
+    assert trace["metadata"]["stream_complete"] is True
