@@ -78,13 +78,25 @@ def headers(tag: str, **fake: object) -> dict[str, str]:
 
 
 def traces_for(r4u, tag: str, n: int = 1, timeout: float = 20) -> list[dict]:
-    """Wait until R4U holds `n` traces tagged `tag` (then a moment more, to catch extras)."""
+    """Wait until R4U holds `n` distinct traces tagged `tag` (then a moment more, to catch extras).
+
+    Delivery is at least once: a post in flight when mitmdump stops is sent again by the
+    shutdown drain. Such a re-send carries the same trace_id and must be the same record."""
+
+    def mine() -> list[dict]:
+        by_id: dict[str, dict] = {}
+        for t in list(r4u.received):
+            if t.get("metadata", {}).get("properties", {}).get("test") == tag:
+                first = by_id.setdefault(t["metadata"]["trace_id"], t)
+                assert first == t, "a re-sent trace differs from the first"
+        return list(by_id.values())
+
     deadline = time.monotonic() + timeout
     while True:
-        found = [t for t in list(r4u.received) if t.get("metadata", {}).get("properties", {}).get("test") == tag]
+        found = mine()
         if len(found) >= n:
             time.sleep(0.3)
-            found = [t for t in list(r4u.received) if t.get("metadata", {}).get("properties", {}).get("test") == tag]
+            found = mine()
             assert len(found) == n, f"expected {n} traces for {tag}, got {len(found)}"
             return found
         if time.monotonic() > deadline:
