@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["Outbox", "OutboxClosed", "read_stats", "DEFAULT_MAX_RECORDS", "DEFAULT_MAX_BYTES"]
+__all__ = ["Outbox", "OutboxClosed", "OutboxError", "read_stats", "DEFAULT_MAX_RECORDS", "DEFAULT_MAX_BYTES"]
 
 # Sized for a day of heavy use on a laptop: ~100k exchanges, ~10 KB each on average, with
 # room for some large streams, before anything is dropped.
@@ -83,6 +83,10 @@ END;
 """
 
 
+class OutboxError(RuntimeError):
+    """The outbox file cannot be opened or used (not SQLite, no permission, a newer schema...)."""
+
+
 class OutboxClosed(RuntimeError):
     """The outbox was closed; open a new one on the same file."""
 
@@ -117,8 +121,11 @@ class Outbox:
         self.max_dead_bytes = max(1, max_bytes // 10)
         self._lock = threading.Lock()
         self._claimed: set[int] = set()
-        _create_private(self.path)
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
+        try:
+            _create_private(self.path)
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
+        except (OSError, sqlite3.Error) as exc:
+            raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from exc
         try:
             db.execute("PRAGMA busy_timeout = 10000")
             # auto_vacuum only takes on a new file, before any table: it lets the file shrink.
@@ -130,12 +137,15 @@ class Outbox:
             with _transaction(db):
                 version = db.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
-                    raise RuntimeError(f"{self.path} was written by a newer r4u-mitm (schema {version})")
+                    raise OutboxError(f"{self.path} was written by a newer r4u-mitm (schema {version})")
                 for statement in _statements(_SCHEMA):
                     db.execute(statement)
                 db.executemany("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)",
                                [(name,) for name in COUNTERS + TOTALS])
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            db.close()
+            raise OutboxError(f"cannot use the outbox {self.path}: {exc}") from exc
         except BaseException:
             db.close()
             raise
@@ -168,20 +178,18 @@ class Outbox:
         now = time.time() if now is None else now
         with self._lock:
             db = self._conn()
-            ids = [
-                rowid for (rowid,) in db.execute(
-                    "SELECT id FROM pending WHERE next_attempt <= ? ORDER BY next_attempt, id LIMIT ?",
-                    (now, limit + len(self._claimed)),
-                )
-                if rowid not in self._claimed
-            ][:limit]
+            # One row for the ids (group_concat): each row fetched is a GIL round trip, which
+            # is slow when the event loop's thread is busy.
+            (found,) = db.execute(
+                "SELECT group_concat(id) FROM "
+                "(SELECT id FROM pending WHERE next_attempt <= ? ORDER BY next_attempt, id LIMIT ?)",
+                (now, limit + len(self._claimed)),
+            ).fetchone()
+            ids = [rowid for rowid in map(int, found.split(",")) if rowid not in self._claimed][:limit] if found else []
             if not ids:
                 return []
-            rows = {
-                row[0]: row for row in db.execute(
-                    f"SELECT id, trace_id, body, attempts FROM pending WHERE id IN ({','.join('?' * len(ids))})", ids
-                )
-            }
+            rows = {row[0]: row for row in db.execute(
+                f"SELECT id, trace_id, body, attempts FROM pending WHERE id IN ({_marks(len(ids))})", ids)}
             out = [rows[i] for i in ids if i in rows]
             self._claimed.update(row[0] for row in out)
             return out
@@ -205,7 +213,8 @@ class Outbox:
                 db = self._conn()
                 with _transaction(db):
                     if delivered:
-                        db.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in delivered])
+                        for chunk in _chunks(delivered):  # one statement per chunk, not per row
+                            db.execute(f"DELETE FROM pending WHERE id IN ({_marks(len(chunk))})", chunk)
                         _bump(db, "delivered", len(delivered))
                     if retry:
                         db.executemany(
@@ -319,7 +328,8 @@ class Outbox:
             victims.append(rowid)
             count -= 1
             size -= row_size
-        db.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in victims])
+        for chunk in _chunks(victims):
+            db.execute(f"DELETE FROM pending WHERE id IN ({_marks(len(chunk))})", chunk)
         return len(victims)
 
     def _trim_dead(self, db: sqlite3.Connection) -> None:
@@ -400,6 +410,14 @@ def _statements(script: str) -> list[str]:
             out.append(text)
             buf = []
     return out
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def _chunks(items: list[int], size: int = 500) -> list[list[int]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _bump(db: sqlite3.Connection, name: str, n: int) -> None:

@@ -50,6 +50,8 @@ REASON_MAX = 200
 RETRYABLE = frozenset({408, 429})
 # Answers about R4U's setup (wrong URL, auth, a redirect), not about the record: keep the record.
 NOT_THE_RECORD = frozenset({401, 403, 404, 405, 407})
+COMMIT_GATHER = 0.02            # seconds the committer waits for outcomes to pile up
+JSON_BODY = httpx.Headers({"content-type": "application/json"})
 DROP_LOG_EVERY = 10.0            # seconds between two "outbox full" warnings (the count is summed)
 
 
@@ -360,7 +362,7 @@ class _Sender:
     async def _probe(self) -> str | None:
         """None when R4U answers (whatever the status), else why not."""
         try:
-            response = await self.client.get(self.d._probe_url, headers=self.d._probe_headers)
+            response = await self.client.get(self.d._probe_url)
         except httpx.HTTPError as exc:
             return _describe(exc, self.d.timeout)
         except (OSError, ssl.SSLError) as exc:
@@ -382,7 +384,7 @@ class _Sender:
         d = self.d
         self.in_flight += 1
         try:
-            response = await self.client.post(d._post_url, content=body, headers=d._headers)
+            response = await self.client.post(d._post_url, content=body, headers=JSON_BODY)
         except (httpx.TransportError, OSError, ssl.SSLError) as exc:
             error = _describe(exc, d.timeout)
             self._add_retry(rowid, time.time(), error)  # due again as soon as R4U answers
@@ -444,6 +446,8 @@ class _Sender:
         """Write outcomes in batches: whatever piled up while the previous batch was written."""
         while not self.closed:
             await self.results_ready.wait()
+            if not self.drain and self._pending_results() < self.d.batch_size:
+                await asyncio.sleep(COMMIT_GATHER)  # fewer, larger transactions
             self.results_ready.clear()
             batch = self.results.take()
             if batch is None:
@@ -459,11 +463,17 @@ class _Sender:
             except Exception as exc:  # noqa: BLE001 - the records stay pending: sent again later
                 self.d._internal_error("writing delivery outcomes to the outbox", exc)
 
+    def _pending_results(self) -> int:
+        results = self.results
+        return len(results.delivered) + len(results.retry) + len(results.dead)
+
     def _commit_now(self) -> None:
         batch = self.results.take(close=True)
         if batch is not None:
             try:
                 self.d._outbox.settle(*batch)
+            except OutboxClosed:  # a drain that overran its deadline: the records stay pending
+                pass
             except Exception as exc:  # noqa: BLE001
                 self.d._internal_error("writing delivery outcomes to the outbox", exc)
 
@@ -497,7 +507,8 @@ class Delivery:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.api_url = api_url
-        self.base_url, self._post_url, self._probe_url = traces_urls(api_url)
+        self.base_url, post_url, probe_url = traces_urls(api_url)
+        self._post_url, self._probe_url = httpx.URL(post_url), httpx.URL(probe_url)  # parsed once
         self.shown_url = _safe_url(self.base_url)
         self.outbox_path = Path(outbox_path).expanduser()
         self.max_records, self.max_bytes = max_records, max_bytes
@@ -506,11 +517,10 @@ class Delivery:
         self.status_interval = status_interval
         self.retry_base, self.retry_cap = retry_base, retry_cap
         self.batch_size = max(batch_size, max_in_flight)
-        self._headers = {"content-type": "application/json", "accept": "application/json", "user-agent": USER_AGENT}
-        self._probe_headers = {"accept": "application/json", "user-agent": USER_AGENT}
+        # Static headers live on the client (merged once per request by httpx, not twice).
+        self._headers = {"accept": "application/json", "user-agent": USER_AGENT}
         if api_key:
             self._headers["X_API_KEY"] = api_key
-            self._probe_headers["X_API_KEY"] = api_key
         self._ssl = _ssl_context(ca_file)
         self._outbox = Outbox(self.outbox_path, max_records=max_records, max_bytes=max_bytes)
         self._outbox.make_due()  # a new run: what waited for a later attempt is due now
@@ -533,6 +543,7 @@ class Delivery:
         self._drop_logged_at = 0.0
         self._last_status: tuple | None = None
         self._httpx_filter: logging.Filter | None = None
+        self._quiet_httpx()
 
     # The addon's side (any thread) ----------------------------------------------------------------
 
@@ -555,7 +566,6 @@ class Delivery:
             return
         loop = asyncio.get_running_loop()
         self._loop, self._loop_thread = loop, threading.get_ident()
-        self._quiet_httpx()
         sender = _Sender(self)
         self._sender = sender
         self._task = loop.create_task(sender.run(), name="r4u-sender")
@@ -615,7 +625,10 @@ class Delivery:
         if sender is not None:
             leftover = sender.results.take(close=True)
             if loop is not None and self._loop_thread == threading.get_ident():
-                sender.cancel()
+                try:
+                    sender.cancel()
+                except RuntimeError:  # the loop is closed already: nothing runs there any more
+                    sender.closed = True
             elif loop is not None:
                 sender.closed = True
                 try:
@@ -711,8 +724,9 @@ class Delivery:
         self._last_error = error
         if self._reachable is not False:
             self._reachable = False
-            log.warning("r4u-mitm: R4U is not answering at %s (%s); traces are kept in %s until it answers",
-                        self.shown_url, error, self.outbox_path)
+            hint = "; set r4u_ca_file to R4U's CA" if "CERTIFICATE_VERIFY_FAILED" in error else ""
+            log.warning("r4u-mitm: R4U is not answering at %s (%s%s); traces are kept in %s until it answers",
+                        self.shown_url, error, hint, self.outbox_path)
 
     def _answered(self) -> None:
         if self._reachable is False:
@@ -781,6 +795,7 @@ class Delivery:
             limits=httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight,
                                 keepalive_expiry=30.0),
             follow_redirects=False,
+            headers=self._headers,
         )
 
     def _drain(self, seconds: float) -> None:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from r4u_mitm.outbox import Outbox, OutboxClosed, encode, read_stats
+from r4u_mitm.outbox import Outbox, OutboxClosed, OutboxError, encode, read_stats
 
 
 def record(i: int, size: int = 0, **extra) -> dict:
@@ -221,3 +221,10 @@ def test_read_stats_reads_without_creating_anything(path, tmp_path):
 def test_bounds_must_be_positive(path):
     with pytest.raises(ValueError):
         Outbox(path, max_records=0)
+
+
+def test_a_file_that_is_not_an_outbox_says_so(tmp_path):
+    path = tmp_path / "outbox.sqlite"
+    path.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(OutboxError, match="cannot use the outbox"):
+        Outbox(path)

@@ -4,7 +4,6 @@ stop, drain, restart. Plus the fake's own strictness."""
 import asyncio
 import collections
 import logging
-import os
 import re
 import socket
 import subprocess
@@ -514,6 +513,41 @@ asyncio.run(main())
 
     run(main())
     once_each(fake, ids_file.read_text().split())
+
+
+def test_https_is_verified_with_the_system_store_or_ca_file(box, tmp_path, caplog):
+    from tests.fakes.upstream import make_cert
+
+    caplog.set_level(logging.INFO, logger="r4u_mitm")
+    cert, key = make_cert(tmp_path)
+    fake = FakeR4U(tls=(cert, key)).start()
+    try:
+        record = make()
+
+        async def untrusted():
+            d = new_delivery(box, fake.url)  # a self-signed cert the system does not know
+            d.start()
+            d.submit(maker(record))
+            await until(lambda: d.status()["reachable"] is False)
+            status = d.status()
+            d.stop(None)
+            return status
+
+        status = run(untrusted())
+        assert "CERTIFICATE_VERIFY_FAILED" in status["last_error"] and not fake.posts
+        assert "r4u_ca_file" in caplog.text
+        assert read_stats(box)["pending"] == 1
+
+        async def trusted():
+            d = new_delivery(box, fake.url, ca_file=cert)
+            d.start()
+            await until(lambda: len(fake.received) >= 1)
+            d.stop(None)
+
+        run(trusted())
+        once_each(fake, [record["metadata"]["trace_id"]])
+    finally:
+        fake.stop()
 
 
 def test_status_has_everything_the_command_shows(fake, box):

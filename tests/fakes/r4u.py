@@ -5,7 +5,7 @@ its own event loop in a background thread. It validates `POST /v1/http-traces` m
 than R4U does (types, UTC timestamps, completed_at >= started_at) and answers like FastAPI:
 `201` with the stored trace, or `422` with a `detail` list that echoes the input.
 
-    fake = FakeR4U().start()
+    fake = FakeR4U().start()            # FakeR4U(tls=(cert, key)) serves https
     ... fake.url, fake.received, fake.posts, fake.wait_for(n)
     fake.fail_next(3, 503); fake.hang(2.0); fake.reject(lambda r: ...); fake.clear_faults()
     fake.stop(); fake.start()          # down, then back on the same port
@@ -20,6 +20,7 @@ import asyncio
 import json
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -53,8 +54,10 @@ class Post:
 
 
 class FakeR4U:
-    def __init__(self, port: int = 0, *, on_record: Callable[[dict, int], None] | None = None) -> None:
+    def __init__(self, port: int = 0, *, on_record: Callable[[dict, int], None] | None = None,
+                 tls: tuple[str, str] | None = None) -> None:
         self.port = port
+        self.tls = tls                   # (cert file, key file): serve https
         self.on_record = on_record       # called (record, id) for each accepted record, in the fake's thread
         self.received: list[dict] = []   # accepted records, in arrival order
         self.posts: list[Post] = []
@@ -74,7 +77,7 @@ class FakeR4U:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -95,8 +98,12 @@ class FakeR4U:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind(("127.0.0.1", self.port))
                 self.port = sock.getsockname()[1]
+                context = None
+                if self.tls:
+                    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                    context.load_cert_chain(*self.tls)
                 self._server = loop.run_until_complete(
-                    asyncio.start_server(self._serve, sock=sock, limit=MAX_HEAD, backlog=1024)
+                    asyncio.start_server(self._serve, sock=sock, limit=MAX_HEAD, backlog=1024, ssl=context)
                 )
             except BaseException as exc:  # noqa: BLE001 - reported to start()
                 failure.append(exc)
@@ -193,9 +200,10 @@ class FakeR4U:
         for writer in list(self._writers):
             writer.transport.abort()
         self._writers.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # aborted connections end their tasks; cancel what still waits
+            _, waiting = await asyncio.wait(list(self._tasks), timeout=1.0)
+            for task in waiting:
+                task.cancel()
         self._tasks.clear()
         if self._server is not None:
             await self._server.wait_closed()
@@ -248,6 +256,8 @@ class FakeR4U:
                 await self._answer(writer, status, payload, extra, close=close)
                 if close:
                     return
+        except asyncio.CancelledError:  # the fake stops: end quietly
+            return
         finally:
             self._writers.discard(writer)
             self._tasks.discard(task)
