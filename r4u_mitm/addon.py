@@ -18,7 +18,7 @@ from typing import Optional
 
 from mitmproxy import command, ctx, exceptions, http
 
-from r4u_mitm import providers
+from r4u_mitm import contentview, providers
 from r4u_mitm.flows import freeze, pop_tags, skip_requested
 from r4u_mitm.record import build_record
 from r4u_mitm.sender import Delivery
@@ -27,6 +27,9 @@ from r4u_mitm.tap import Tap
 log = logging.getLogger("r4u_mitm")
 
 OUTBOX_NAME = "r4u-outbox.sqlite"
+# What mitmweb's SSE view shows of a trace, copied from the record's metadata.
+WIRE_FIELDS = ("provider", "ttfb_ms", "ttft_ms", "duration_ms", "events", "response_bytes", "stream_complete",
+               "truncated")
 DELIVERY_OPTIONS = {"r4u_api_url", "r4u_outbox", "r4u_ca_file", "r4u_outbox_max_records", "r4u_outbox_max_mb"}
 
 
@@ -71,6 +74,7 @@ class R4UTracer:
         self.running_ = False
 
     def load(self, loader) -> None:
+        contentview.register()  # mitmweb's view for event streams; once, whatever reloads the script
         loader.add_option(
             "r4u_api_url", str, os.environ.get("R4U_API_URL", "http://localhost:8000"),
             "R4U's base URL; traces are posted to {r4u_api_url}/v1/http-traces. "
@@ -180,6 +184,8 @@ class R4UTracer:
         flow.metadata["r4u.trace_id"] = trace.trace_id  # saved with the flow: backfill reuses both
         if properties:
             flow.metadata["r4u.properties"] = properties
+        if not flow.comment:
+            flow.comment = f"r4u {trace.trace_id[:8]}"  # mitmweb: find it with ~comment <trace id prefix>
 
     @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -205,6 +211,10 @@ class R4UTracer:
         trace = self.open.pop(flow.id, None)
         if trace is None:
             return
+        if trace.tap is not None and not trace.tap.truncated and flow.response is not None:
+            # what arrived, for mitmweb: the openai SDK hangs up right after [DONE], often before
+            # the HTTP terminator, so a complete stream very often ends here, not in `response`
+            flow.response.raw_content = b"".join(trace.tap.pieces)
         self._submit(flow, trace)
 
     @guarded
@@ -214,13 +224,30 @@ class R4UTracer:
     # Freezing an exchange -------------------------------------------------------------------------
 
     def _submit(self, flow: http.HTTPFlow, trace: _Trace, note: str | None = None) -> None:
+        wire = self._annotate(flow, trace)
         exchange = freeze(flow, trace_id=trace.trace_id, provider=trace.provider, properties=trace.properties,
                           tap=trace.tap, note=note)
         self.traced += 1
         opts = ctx.options
         self.delivery.submit(functools.partial(
-            build_record, exchange, max_body_bytes=opts.r4u_max_body_bytes, redact=tuple(opts.r4u_redact_headers)
+            _build_and_note, wire, exchange, max_body_bytes=opts.r4u_max_body_bytes,
+            redact=tuple(opts.r4u_redact_headers),
         ))
+
+    @guarded
+    def _annotate(self, flow: http.HTTPFlow, trace: _Trace) -> dict | None:
+        """For mitmweb: a place in the flow for the trace's timing, which the store thread fills
+        from the record (its keys exist from here on: the dict never changes size under a
+        reader), and a mark (`~marked`, `~comment truncated`) on flows whose trace is truncated."""
+        wire = dict.fromkeys(WIRE_FIELDS)
+        wire["provider"] = trace.provider
+        limit = ctx.options.r4u_max_body_bytes
+        body = flow.response.raw_content if flow.response is not None and trace.tap is None else None
+        if (trace.tap is not None and trace.tap.truncated) or len(body or b"") > limit:
+            flow.marked = ":warning:"
+            flow.comment = f"{flow.comment} · trace truncated".lstrip(" ·")
+        flow.metadata[contentview.WIRE_KEY] = wire
+        return wire
 
     @command.command("r4u.status")
     def status(self) -> str:
@@ -234,6 +261,16 @@ class R4UTracer:
         """Try to deliver pending traces to R4U now."""
         if self.delivery:
             self.delivery.flush()
+
+
+def _build_and_note(wire: dict | None, exchange, **options) -> dict:
+    """On the store thread: build the record; copy what parsing found into the flow's wire
+    timing for the SSE view (keys exist already: the dict never changes size under a reader)."""
+    record = build_record(exchange, **options)
+    if wire is not None:
+        for key in WIRE_FIELDS:
+            wire[key] = record["metadata"].get(key)
+    return record
 
 
 addons = [R4UTracer()]
