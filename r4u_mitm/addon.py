@@ -12,11 +12,13 @@ import functools
 import logging
 import os
 import uuid
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from mitmproxy import command, ctx, exceptions, http
+from mitmproxy import command, ctx, exceptions, hooks, http
 
 from r4u_mitm import contentview, providers
 from r4u_mitm.flows import freeze, pop_tags, skip_requested
@@ -27,6 +29,7 @@ from r4u_mitm.tap import Tap
 log = logging.getLogger("r4u_mitm")
 
 OUTBOX_NAME = "r4u-outbox.sqlite"
+FLOWS_FOLLOWED = 10_000  # traced flows whose comment follows their delivery (most recent)
 # What mitmweb's SSE view shows of a trace, copied from the record's metadata.
 WIRE_FIELDS = ("provider", "ttfb_ms", "ttft_ms", "duration_ms", "events", "response_bytes", "stream_complete",
                "truncated")
@@ -69,6 +72,7 @@ class R4UTracer:
         self.rules = providers.parse_host_rules(providers.DEFAULT_HOSTS)
         self.delivery: Delivery | None = None
         self.open: dict[str, _Trace] = {}
+        self.followed: OrderedDict[str, tuple[weakref.ref, bool]] = OrderedDict()
         self.internal_errors = 0
         self.traced = 0
         self.running_ = False
@@ -148,6 +152,7 @@ class R4UTracer:
             max_records=opts.r4u_outbox_max_records,
             max_bytes=opts.r4u_outbox_max_mb * 1024 * 1024,
             ca_file=opts.r4u_ca_file,
+            on_outcome=self._delivery_outcome,
         )
         if self.running_:
             self.delivery.start()
@@ -184,8 +189,7 @@ class R4UTracer:
         flow.metadata["r4u.trace_id"] = trace.trace_id  # saved with the flow: backfill reuses both
         if properties:
             flow.metadata["r4u.properties"] = properties
-        if not flow.comment:
-            flow.comment = f"r4u {trace.trace_id[:8]}"  # mitmweb: find it with ~comment <trace id prefix>
+        _set_comment(flow, trace.trace_id, "open", False)  # mitmweb: ~comment <trace id prefix>
 
     @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -238,16 +242,34 @@ class R4UTracer:
     def _annotate(self, flow: http.HTTPFlow, trace: _Trace) -> dict | None:
         """For mitmweb: a place in the flow for the trace's timing, which the store thread fills
         from the record (its keys exist from here on: the dict never changes size under a
-        reader), and a mark (`~marked`, `~comment truncated`) on flows whose trace is truncated."""
+        reader); a comment that follows the trace's delivery; a mark (`~marked`) on flows whose
+        trace is truncated or dead-lettered."""
         wire = dict.fromkeys(WIRE_FIELDS)
         wire["provider"] = trace.provider
-        limit = ctx.options.r4u_max_body_bytes
         body = flow.response.raw_content if flow.response is not None and trace.tap is None else None
-        if (trace.tap is not None and trace.tap.truncated) or len(body or b"") > limit:
+        truncated = (trace.tap is not None and trace.tap.truncated) or len(body or b"") > ctx.options.r4u_max_body_bytes
+        if truncated:
             flow.marked = ":warning:"
-            flow.comment = f"{flow.comment} · trace truncated".lstrip(" ·")
         flow.metadata[contentview.WIRE_KEY] = wire
+        self.followed[trace.trace_id] = (weakref.ref(flow), truncated)
+        if len(self.followed) > FLOWS_FOLLOWED:
+            self.followed.popitem(last=False)
+        _set_comment(flow, trace.trace_id, "pending", truncated)
         return wire
+
+    def _delivery_outcome(self, trace_id: str, outcome: str) -> None:
+        """From the delivery, on the event loop: show what became of a flow's trace in mitmweb
+        (`~comment dead-lettered`, `~comment waiting`)."""
+        ref, truncated = self.followed.get(trace_id, (None, False))
+        flow = ref() if ref is not None else None
+        if flow is None:
+            return
+        if outcome in ("delivered", "dead-lettered"):
+            del self.followed[trace_id]
+        _set_comment(flow, trace_id, outcome, truncated)
+        if outcome == "dead-lettered":
+            flow.marked = ":warning:"
+        ctx.master.addons.trigger(hooks.UpdateHook([flow]))
 
     @command.command("r4u.status")
     def status(self) -> str:
@@ -261,6 +283,14 @@ class R4UTracer:
         """Try to deliver pending traces to R4U now."""
         if self.delivery:
             self.delivery.flush()
+
+
+def _set_comment(flow: http.HTTPFlow, trace_id: str, state: str, truncated: bool) -> None:
+    """`r4u <trace id prefix> · <delivery state>[ · trace truncated]`; a comment someone else
+    wrote (the user in mitmweb, another addon) is left alone."""
+    if flow.comment and not flow.comment.startswith("r4u "):
+        return
+    flow.comment = f"r4u {trace_id[:8]} · {state}" + (" · trace truncated" if truncated else "")
 
 
 def _build_and_note(wire: dict | None, exchange, **options) -> dict:

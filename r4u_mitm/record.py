@@ -6,7 +6,10 @@ bodies are decoded, streams parsed and timings derived. Knows nothing of mitmpro
 
 from __future__ import annotations
 
+import itertools
+import logging
 import re
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,6 +20,9 @@ from r4u_mitm.encoding import BodyDecoder, decode_body
 from r4u_mitm.sse import SSEDecoder
 
 REDACTED = "[REDACTED]"
+
+log = logging.getLogger("r4u_mitm")
+_parse_failures = itertools.count(1)
 
 # Header names whose values are secrets, whatever the provider. `SECRET_HEADER_PARTS` catches
 # the rest by name (`x-goog-api-key`, `x-auth-token`, ...) without taking useful headers such as
@@ -90,23 +96,38 @@ def build_record(ex: Exchange, *, max_body_bytes: int, redact: Iterable[str] = (
         "upstream_request_id": _header(ex.response_headers, "x-request-id"),
     }
     encoding = _header(ex.response_headers, "content-encoding")
+    parse_error = None
+    summary = None
     if ex.stream:
-        response_text, summary, ttft_at, truncated, decode_error = _read_stream(ex, encoding, max_body_bytes)
+        try:
+            response_text, summary, ttft_at, truncated, decode_error = _read_stream(ex, encoding, max_body_bytes)
+        except Exception as exc:  # noqa: BLE001 - a parser bug must not lose the trace
+            parse_error = _parse_failed(ex, exc)
+            response_text, truncated, decode_error = _body_text(
+                b"".join(ex.pieces), encoding, resp_type, max_body_bytes
+            )
+        else:
+            meta.update(events=summary.events, ttft_ms=_ms(ttft_at, ex.started), model=summary.model,
+                        finish_reason=summary.finish_reason, usage=summary.usage)
+            # A truncated trace saw only part of the stream: completeness is unknown, not false.
+            meta["stream_complete"] = True if summary.complete else (
+                None if truncated or ex.truncated else False)
         truncated = truncated or ex.truncated
-        meta.update(events=summary.events, ttft_ms=_ms(ttft_at, ex.started), model=summary.model,
-                    finish_reason=summary.finish_reason, usage=summary.usage)
-        # A truncated trace saw only part of the stream: completeness is unknown, not false.
-        meta["stream_complete"] = True if summary.complete else (None if truncated else False)
-        provider_error = summary.error
+        provider_error = summary.error if summary is not None else None
     else:
         response_text, truncated, decode_error = _body_text(
             b"".join(ex.pieces), encoding, resp_type, max_body_bytes
         )
-        found = providers.body_summary(ex.provider, ex.path, response_text)
+        try:
+            found = providers.body_summary(ex.provider, ex.path, response_text)
+        except Exception as exc:  # noqa: BLE001 - a parser bug must not lose the trace
+            parse_error = _parse_failed(ex, exc)
+            found = {}
         meta.update(model=found.get("model"), finish_reason=found.get("finish_reason"), usage=found.get("usage"))
-        summary = None
         provider_error = found.get("error")
         truncated = truncated or ex.truncated
+    if parse_error:
+        meta["parse_error"] = parse_error
     if truncated:
         meta["truncated"] = True
     if decode_error:
@@ -117,16 +138,29 @@ def build_record(ex: Exchange, *, max_body_bytes: int, redact: Iterable[str] = (
         "started_at": _iso(ex.started_wall),
         "completed_at": _iso(ex.started_wall + max(0.0, ex.ended - ex.started)),
         "status_code": ex.status_code,
-        "request": request_text,
+        "request": request_text,  # decoded with errors="replace": never a lone surrogate
         "request_headers": redact_headers(ex.request_headers, extra),
         "response": response_text,
         "response_headers": redact_headers(ex.response_headers, extra),
-        "error": _error(ex, summary, provider_error, truncated),
+        "error": _clean(_error(ex, summary, provider_error, truncated)),
         "path": None,
-        "request_method": ex.method,
-        "request_path": ex.path,
-        "metadata": meta,
+        "request_method": _clean(ex.method),
+        "request_path": _clean(ex.path),
+        "metadata": _clean(meta),
     }
+
+
+def _parse_failed(ex: Exchange, exc: Exception) -> str:
+    """Log a failure to read a response (a bug of ours, not the server's) with the trace id, and
+    say where it happened, without any body bytes (the exception's message may quote them)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    what = f"{type(exc).__name__}{where}"
+    n = next(_parse_failures)
+    if n <= 10 or n % 1000 == 0:
+        log.error("r4u-mitm: internal error reading the response of trace %s (%d so far; traced without "
+                  "its summary): %s", ex.trace_id, n, what)
+    return what
 
 
 def _read_stream(ex: Exchange, encoding: str | None, limit: int):
@@ -208,7 +242,7 @@ def redact_headers(pairs: Iterable[tuple[str, str]], extra: frozenset[str] = fro
     for name, value in pairs:
         if is_secret_header(name, extra):
             value = REDACTED
-        key = name.lower()
+        key, value = _clean(name.lower()), _clean(value)
         out[key] = f"{out[key]}, {value}" if key in out and value != REDACTED else value
     return out
 
@@ -238,8 +272,27 @@ def redact_url(url: str) -> str:
 def _header(pairs: list[tuple[str, str]], name: str) -> str | None:
     for key, value in pairs:
         if key.lower() == name:
-            return value
+            return _clean(value)
     return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _clean(value):
+    """`value` with every lone surrogate replaced by U+FFFD, in strings, lists and dicts.
+
+    They come from bytes that are not UTF-8 in headers and URLs (mitmproxy keeps them as
+    surrogate escapes) and from JSON escapes such as "\\ud83d" alone (a model name, a usage
+    field, an error message). A record holding one cannot be stored as UTF-8, and R4U's JSON
+    parser refuses it ("lone leading surrogate"): the record would never be delivered."""
+    if isinstance(value, str):
+        return value if value.isascii() or not _SURROGATE.search(value) else _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
 
 
 _CHARSET = re.compile(r"charset\s*=\s*\"?([\w.:-]+)", re.I)

@@ -390,6 +390,7 @@ class _Sender:
             self._add_retry(rowid, time.time(), error)  # due again as soon as R4U answers
             d._unreachable(error)
             self._pause(None)
+            self._tell(trace_id, "waiting for R4U")
             return
         except Exception as exc:  # noqa: BLE001 - e.g. an invalid URL: keep the record, slow down
             error = _describe(exc, d.timeout)
@@ -406,6 +407,7 @@ class _Sender:
             self.failures = 0
             self._add_delivered(rowid)
             d._answered()
+            self._tell(trace_id, "delivered")
             return
         d._answered()
         if status in RETRYABLE or status >= 500 or status < 200 or 300 <= status < 400 or status in NOT_THE_RECORD:
@@ -417,10 +419,20 @@ class _Sender:
             self._add_retry(rowid, time.time() + delay, reason)
             d._note_error(reason)
             self._pause(retry_after)
+            self._tell(trace_id, f"retrying ({reason})")
             return
         reason = rejection_reason(response)
         self._add_dead(rowid, status, reason)
         d._poisoned(trace_id, reason)
+        self._tell(trace_id, "dead-lettered")
+
+    def _tell(self, trace_id: str, outcome: str) -> None:
+        """Tell the owner (on the proxy's loop; not during a shutdown drain) what became of a trace."""
+        if self.d._on_outcome is not None and not self.drain:
+            try:
+                self.d._on_outcome(trace_id, outcome)
+            except Exception as exc:  # noqa: BLE001 - the owner's bug must not stop delivery
+                self.d._internal_error("reporting a delivery outcome", exc)
 
     # Outcomes -------------------------------------------------------------------------------------
 
@@ -496,14 +508,15 @@ class Delivery:
     Defaults are sized for a day of heavy use on a laptop: the outbox keeps up to 100,000 records
     and 1 GiB before dropping the oldest (counted, logged); 8 posts in flight; 10 s per request.
     `retry_base`/`retry_cap` shape the backoff (seconds); `batch_size` is how many records the
-    sender claims from the outbox at a time.
+    sender claims from the outbox at a time. `on_outcome(trace_id, outcome)` is called on the
+    event loop when a post ends: "delivered", "retrying (<reason>)" or "dead-lettered".
     """
 
     def __init__(self, *, api_url: str, api_key: str | None, outbox_path: str | os.PathLike,
                  max_records: int = DEFAULT_MAX_RECORDS, max_bytes: int = DEFAULT_MAX_BYTES,
                  max_in_flight: int = 8, timeout: float = 10.0, ca_file: str | None = None,
                  status_interval: float | None = 30.0, retry_base: float = 0.5, retry_cap: float = 60.0,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, on_outcome: Callable[[str, str], None] | None = None) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.api_url = api_url
@@ -543,6 +556,7 @@ class Delivery:
         self._drop_logged_at = 0.0
         self._last_status: tuple | None = None
         self._httpx_filter: logging.Filter | None = None
+        self._on_outcome = on_outcome
         self._quiet_httpx()
 
     # The addon's side (any thread) ----------------------------------------------------------------

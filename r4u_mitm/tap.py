@@ -13,10 +13,13 @@ class Tap:
     (monotonic). All decoding happens later, once per exchange, off the event loop: the per-piece
     cost is an append and a clock read. Pieces beyond `limit` kept bytes are passed on but not
     kept (`truncated`). It never raises: an exception in a stream callable drops the piece for
-    the client.
+    the client. If its own work fails (`error` says how, first failure only), it keeps nothing
+    more and says `truncated`: the trace then holds the part before the failure and claims
+    nothing about the rest, rather than a body with holes.
     """
 
-    __slots__ = ("pieces", "times", "wire_bytes", "kept_bytes", "limit", "truncated", "ended_at", "_clock")
+    __slots__ = ("pieces", "times", "wire_bytes", "kept_bytes", "limit", "truncated", "ended_at", "error",
+                 "_clock")
 
     def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.pieces: list[bytes] = []
@@ -26,6 +29,7 @@ class Tap:
         self.limit = limit
         self.truncated = False
         self.ended_at: float | None = None
+        self.error: str | None = None
         self._clock = clock
 
     def __call__(self, piece: bytes) -> bytes:
@@ -42,6 +46,13 @@ class Tap:
                     self.truncated = True
             else:  # mitmproxy's end-of-body call
                 self.ended_at = self._clock()
-        except Exception:  # noqa: BLE001 - the pass-through must survive anything
-            pass
+        except Exception as exc:  # noqa: BLE001 - the pass-through must survive anything
+            try:
+                if self.error is None:
+                    self.error = f"{type(exc).__name__}: {exc}"[:200]
+                if piece:
+                    self.limit = -1  # keep nothing more: no holes in the kept body
+                    self.truncated = True
+            except Exception:  # noqa: BLE001
+                pass
         return piece

@@ -140,3 +140,21 @@ def test_bad_options_are_refused_clearly(tracer, option, value, message):
     t, tctx = tracer
     with pytest.raises(exceptions.OptionsError, match=message):
         tctx.configure(t, **{option: value})
+
+
+def test_the_flow_comment_follows_the_trace_delivery(tracer):
+    t, _ = tracer
+    flows = [openai_flow(), openai_flow()]
+    for flow in flows:
+        t.requestheaders(flow)
+        flow.response = tutils.tresp(headers=((b"content-type", b"application/json"),))
+        t.response(flow)
+    ids = [flow.metadata["r4u.trace_id"] for flow in flows]
+    assert flows[0].comment == f"r4u {ids[0][:8]} · pending"
+    t._delivery_outcome(ids[0], "waiting for R4U")
+    assert flows[0].comment == f"r4u {ids[0][:8]} · waiting for R4U"
+    t._delivery_outcome(ids[0], "delivered")
+    t._delivery_outcome(ids[1], "dead-lettered")
+    assert flows[0].comment.endswith("· delivered") and not flows[0].marked
+    assert flows[1].comment.endswith("· dead-lettered") and flows[1].marked
+    t._delivery_outcome("unknown-trace", "delivered")  # a flow long gone: nothing to do

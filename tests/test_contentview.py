@@ -366,7 +366,7 @@ def test_traced_flows_get_a_trace_comment_and_wire_timing_for_the_view(tracer):
     raw = (STREAMS / "openai_chat/basic.sse").read_bytes()
     flow = streamed(t, raw)
     trace_id = flow.metadata["r4u.trace_id"]
-    assert flow.comment == f"r4u {trace_id[:8]}"
+    assert flow.comment == f"r4u {trace_id[:8]} · pending"
     assert not flow.marked
     wire = flow.metadata["r4u.wire"]
     (record,) = t.delivery.records

@@ -81,7 +81,13 @@ def test_a_cut_stream_shows_what_arrived(mitmweb, r4u, tag, monkeypatch):
     (trace,) = traces_for(r4u, tag)
     assert trace["error"] and not trace["error"].startswith("client")
     with httpx.Client(base_url=mitmweb.web, headers=mitmweb.web_auth, timeout=10) as web:
-        (flow,) = [f for f in web.get("/flows").json() if f["comment"] == f"r4u {trace['metadata']['trace_id'][:8]}"]
+        ours = f"r4u {trace['metadata']['trace_id'][:8]} · "
+        for _ in range(100):  # the comment follows the trace's delivery: R4U has it, so soon "delivered"
+            (flow,) = [f for f in web.get("/flows").json() if f["comment"].startswith(ours)]
+            if flow["comment"] == ours + "delivered":
+                break
+            time.sleep(0.05)
+        assert flow["comment"] == ours + "delivered"
         assert flow["error"]
         shown = web.get(f"/flows/{flow['id']}/response/content/auto.json").json()
     assert shown["view_name"] == NAME
