@@ -272,3 +272,21 @@ def test_no_secret_anywhere(proxy, r4u):
     assert_no_secret(r4u.received, proxy.log())
     for post in r4u.posts:
         assert_no_secret(str(post))
+
+
+FRAMING = json.loads(stream_bytes("framing/EXPECTED.json"))
+
+
+@pytest.mark.parametrize("name", sorted(FRAMING))
+def test_framing_cases_through_the_proxy_split_byte_by_byte(openai_client, r4u, tag, name):
+    """CR/LF/CRLF, BOM, comments, split UTF-8, invalid UTF-8...: the app gets the bytes as sent,
+    one byte per write, and the trace counts exactly the events a WHATWG parser dispatches."""
+    raw = stream_bytes(f"framing/{name}")
+    with openai_client.chat.completions.with_streaming_response.create(
+        model="gpt-4o-mini", messages=CHAT, stream=True, extra_headers=headers(tag, stream=f"framing/{name}", chunk=1),
+    ) as response:
+        assert b"".join(response.iter_bytes()) == raw
+    (trace,) = traces_for(r4u, tag)
+    assert trace["response"] == raw.decode("utf-8", "replace")
+    assert trace["metadata"]["events"] == len(FRAMING[name])
+    assert trace["metadata"]["response_bytes"] == len(raw)
