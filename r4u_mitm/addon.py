@@ -58,10 +58,7 @@ def guarded(hook):
         try:
             return hook(self, *args)
         except Exception as exc:  # noqa: BLE001 - the boundary between the tracer and the proxy
-            self.internal_errors += 1
-            flow_id = getattr(args[0], "id", "-") if args else "-"
-            if self.internal_errors <= 10 or self.internal_errors % 1000 == 0:
-                log.error("r4u-mitm: internal error in %s (flow %s): %r", hook.__name__, flow_id, exc)
+            self._count_error(hook.__name__, getattr(args[0], "id", "-") if args else "-", repr(exc))
         return None
 
     return wrapper
@@ -157,10 +154,15 @@ class R4UTracer:
         if self.running_:
             self.delivery.start()
 
+    def _count_error(self, where: str, flow_id: str, what: str) -> None:
+        self.internal_errors += 1
+        if self.internal_errors <= 10 or self.internal_errors % 1000 == 0:
+            log.error("r4u-mitm: internal error in %s (flow %s): %s", where, flow_id, what)
+
     def running(self) -> None:
         self.running_ = True
         self.delivery.start()
-        log.info("r4u-mitm loaded: tracing %s -> %s", ", ".join(ctx.options.r4u_hosts), ctx.options.r4u_api_url)
+        log.info("r4u-mitm loaded: tracing %s -> %s", ", ".join(ctx.options.r4u_hosts), self.delivery.shown_url)
 
     def done(self) -> None:
         """Record the flows still open, then stop delivery: at shutdown, drain within the
@@ -198,6 +200,7 @@ class R4UTracer:
             return
         is_event_stream = "text/event-stream" in flow.response.headers.get("content-type", "")
         if is_event_stream or flow.response.stream is True:
+            flow.response.stream = True  # streamed even if the tap can't be made: never buffer an event stream
             trace.tap = Tap(ctx.options.r4u_max_body_bytes)
             flow.response.stream = trace.tap
 
@@ -228,6 +231,8 @@ class R4UTracer:
     # Freezing an exchange -------------------------------------------------------------------------
 
     def _submit(self, flow: http.HTTPFlow, trace: _Trace, note: str | None = None) -> None:
+        if trace.tap is not None and trace.tap.error:
+            self._count_error("the stream tap", flow.id, trace.tap.error)
         wire = self._annotate(flow, trace)
         exchange = freeze(flow, trace_id=trace.trace_id, provider=trace.provider, properties=trace.properties,
                           tap=trace.tap, note=note)
@@ -236,7 +241,7 @@ class R4UTracer:
         self.delivery.submit(functools.partial(
             _build_and_note, wire, exchange, max_body_bytes=opts.r4u_max_body_bytes,
             redact=tuple(opts.r4u_redact_headers),
-        ))
+        ), trace_id=trace.trace_id)
 
     @guarded
     def _annotate(self, flow: http.HTTPFlow, trace: _Trace) -> dict | None:

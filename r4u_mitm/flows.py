@@ -11,7 +11,7 @@ from r4u_mitm.record import Exchange
 from r4u_mitm.tap import Tap
 
 TAG_PREFIX = "x-r4u-"
-NOT_STORED = "response body not stored (streamed by mitmproxy without store_streamed_bodies)"
+NOT_STORED = "response body not kept: streamed without the tracer's tap (stream_large_bodies without store_streamed_bodies, or a tracer fault)"
 
 
 def freeze(flow: http.HTTPFlow, *, trace_id: str, provider: str, properties: dict[str, str] | None = None,

@@ -76,7 +76,7 @@ def build_record(ex: Exchange, *, max_body_bytes: int, redact: Iterable[str] = (
     extra = frozenset(name.lower() for name in redact)
     req_type = _header(ex.request_headers, "content-type")
     resp_type = _header(ex.response_headers, "content-type")
-    request_text, _, _ = _body_text(
+    request_text, request_truncated, request_decode_error = _body_text(
         ex.request_body or b"", _header(ex.request_headers, "content-encoding"), req_type, max_body_bytes
     )
     meta: dict = {
@@ -132,6 +132,11 @@ def build_record(ex: Exchange, *, max_body_bytes: int, redact: Iterable[str] = (
         meta["truncated"] = True
     if decode_error:
         meta["decode_error"] = decode_error
+    # The request's body is a body too: cut at the same limit, decoded the same way.
+    if request_truncated:
+        meta["truncated"] = True
+    if request_decode_error:
+        meta["decode_error"] = "; ".join(filter(None, (decode_error, f"request: {request_decode_error}")))
     if ex.properties:
         meta["properties"] = dict(ex.properties)
     return {

@@ -561,16 +561,17 @@ class Delivery:
 
     # The addon's side (any thread) ----------------------------------------------------------------
 
-    def submit(self, make_record: Callable[[], dict]) -> None:
+    def submit(self, make_record: Callable[[], dict], trace_id: str | None = None) -> None:
         """Build (`make_record()`) and store a record off the caller's thread; returns at once.
-        After stop() it is done here and now instead, so that nothing is lost."""
+        After stop() it is done here and now instead, so that nothing is lost. `trace_id` names
+        the trace in the log if building it fails."""
         if not self._stopped:
             try:
-                self._executor.submit(self._store, make_record, True)
+                self._executor.submit(self._store, make_record, True, trace_id)
                 return
             except RuntimeError:  # shut down meanwhile
                 pass
-        self._store(make_record, False)
+        self._store(make_record, False, trace_id)
 
     def start(self) -> None:
         """Start the sender task on the running event loop (call from inside it)."""
@@ -672,7 +673,7 @@ class Delivery:
 
     # The store thread -----------------------------------------------------------------------------
 
-    def _store(self, make_record: Callable[[], dict], wake: bool) -> None:
+    def _store(self, make_record: Callable[[], dict], wake: bool, label: str | None = None) -> None:
         try:
             record = make_record()
             meta = record.get("metadata") if isinstance(record, dict) else None
@@ -682,7 +683,7 @@ class Delivery:
             if not isinstance(trace_id, str) or not trace_id:
                 trace_id = str(uuid.uuid4())
         except Exception as exc:  # noqa: BLE001 - a broken record must not stop the others
-            self._record_failed("building a trace record", exc)
+            self._record_failed(f"building a trace record{f' (trace {label})' if label else ''}", exc)
             return
         try:
             try:
