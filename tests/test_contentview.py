@@ -321,7 +321,7 @@ class Submitted:
     def __init__(self):
         self.records = []
 
-    def submit(self, make_record):
+    def submit(self, make_record, trace_id=None):
         self.records.append(make_record())
 
     def stop(self, drain_seconds):
