@@ -15,6 +15,37 @@ from tests.harness import SHARED, Mitmdump
 SECRET = "sk-test-SECRET-4f9c2a7e1b3d5f8a0c6e"
 
 
+class Submitted:
+    """Stands in for the delivery in the addon's unit tests: keeps what the addon hands over."""
+
+    def __init__(self):
+        self.records = []
+
+    def submit(self, make_record, trace_id=None):
+        self.records.append(make_record())
+
+    def stop(self, drain_seconds):
+        pass
+
+    def status(self):
+        return {"pending": 0}
+
+
+@pytest.fixture
+def tracer(tmp_path):
+    """The addon under mitmproxy's test context, its delivery replaced by `Submitted`."""
+    from mitmproxy.test import taddons
+
+    from r4u_mitm.addon import R4UTracer
+
+    tracer = R4UTracer()
+    with taddons.context(tracer) as tctx:
+        tctx.configure(tracer, r4u_outbox=str(tmp_path / "outbox.sqlite"), r4u_api_url="http://127.0.0.1:9")
+        tracer.delivery.stop(None)
+        tracer.delivery = Submitted()
+        yield tracer, tctx
+
+
 @pytest.fixture(scope="session")
 def upstream():
     from tests.fakes.upstream import FakeUpstream

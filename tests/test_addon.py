@@ -2,37 +2,10 @@
 
 import pytest
 from mitmproxy import exceptions
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
 from r4u_mitm import addon as addon_module
-from r4u_mitm.addon import R4UTracer
 from r4u_mitm.tap import Tap
-
-
-class Submitted:
-    """Stands in for the delivery: keeps what the addon hands over."""
-
-    def __init__(self):
-        self.records = []
-
-    def submit(self, make_record, trace_id=None):
-        self.records.append(make_record())
-
-    def stop(self, drain_seconds):
-        pass
-
-    def status(self):
-        return {"pending": 0}
-
-
-@pytest.fixture
-def tracer(tmp_path):
-    tracer = R4UTracer()
-    with taddons.context(tracer) as tctx:
-        tctx.configure(tracer, r4u_outbox=str(tmp_path / "outbox.sqlite"), r4u_api_url="http://127.0.0.1:9")
-        tracer.delivery.stop(None)
-        tracer.delivery = Submitted()
-        yield tracer, tctx
 
 
 def openai_flow(path="/v1/chat/completions", host="api.openai.com", **headers):

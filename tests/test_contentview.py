@@ -14,7 +14,6 @@ from mitmproxy.flow import Error
 from mitmproxy.test import taddons, tflow, tutils
 
 from r4u_mitm import contentview
-from r4u_mitm.addon import R4UTracer
 from r4u_mitm.contentview import NAME, VIEW, render
 from tests.harness import SHARED
 
@@ -315,27 +314,6 @@ def test_registered_once_and_chosen_automatically_by_mitmproxy():
 
 
 # -- what the addon leaves on flows ---------------------------------------------------------------------------
-
-
-class Submitted:
-    def __init__(self):
-        self.records = []
-
-    def submit(self, make_record, trace_id=None):
-        self.records.append(make_record())
-
-    def stop(self, drain_seconds):
-        pass
-
-
-@pytest.fixture
-def tracer(tmp_path):
-    tracer = R4UTracer()
-    with taddons.context(tracer) as tctx:
-        tctx.configure(tracer, r4u_outbox=str(tmp_path / "outbox.sqlite"), r4u_api_url="http://127.0.0.1:9")
-        tracer.delivery.stop(None)
-        tracer.delivery = Submitted()
-        yield tracer, tctx
 
 
 def streamed(t, raw: bytes, pieces: int = 4, error: str | None = None):
