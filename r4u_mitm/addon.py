@@ -209,8 +209,7 @@ class R4UTracer:
         trace = self.open.pop(flow.id, None)
         if trace is None:
             return
-        if trace.tap is not None and not trace.tap.truncated:
-            flow.response.raw_content = b"".join(trace.tap.pieces)  # so mitmweb and -w files show it
+        self._restore_body(flow, trace)
         self._submit(flow, trace)
 
     @guarded
@@ -218,11 +217,20 @@ class R4UTracer:
         trace = self.open.pop(flow.id, None)
         if trace is None:
             return
-        if trace.tap is not None and not trace.tap.truncated and flow.response is not None:
-            # what arrived, for mitmweb: the openai SDK hangs up right after [DONE], often before
-            # the HTTP terminator, so a complete stream very often ends here, not in `response`
-            flow.response.raw_content = b"".join(trace.tap.pieces)
+        # the openai SDK hangs up right after [DONE], often before the HTTP terminator, so a
+        # complete stream very often ends here, not in `response`
+        self._restore_body(flow, trace)
         self._submit(flow, trace)
+
+    @staticmethod
+    def _restore_body(flow: http.HTTPFlow, trace: _Trace) -> None:
+        """Put a teed stream back into the flow when someone will look at it: mitmweb or the
+        console (their `view` addon), or a `save_stream_file`. mitmdump alone drops flows, so
+        there it would only cost a copy of the body on the event loop."""
+        if trace.tap is None or trace.tap.truncated or flow.response is None:
+            return
+        if ctx.master.addons.get("view") is not None or getattr(ctx.options, "save_stream_file", None):
+            flow.response.raw_content = b"".join(trace.tap.pieces)
 
     @guarded
     def _record_unfinished(self, flow: http.HTTPFlow, trace: _Trace) -> None:

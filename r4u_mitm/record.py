@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import time
 import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from r4u_mitm.encoding import BodyDecoder, decode_body
 from r4u_mitm.sse import SSEDecoder
 
 REDACTED = "[REDACTED]"
+GIL_YIELD_EVERY = 64  # pieces parsed between two voluntary releases of the GIL
 
 log = logging.getLogger("r4u_mitm")
 _parse_failures = itertools.count(1)
@@ -177,7 +179,9 @@ def _read_stream(ex: Exchange, encoding: str | None, limit: int):
     decoded: list[bytes] = []
     ttft_at: float | None = None
     times = ex.piece_times if len(ex.piece_times) == len(ex.pieces) else [None] * len(ex.pieces)
-    for piece, at in zip(ex.pieces, times):
+    for n, (piece, at) in enumerate(zip(ex.pieces, times), 1):
+        if n % GIL_YIELD_EVERY == 0:
+            time.sleep(0)  # let the event loop (the proxy's flows) have the GIL: a long stream takes a while
         chunk = body.feed(piece)
         if chunk:
             decoded.append(chunk)

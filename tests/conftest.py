@@ -34,12 +34,13 @@ class Submitted:
 @pytest.fixture
 def tracer(tmp_path):
     """The addon under mitmproxy's test context, its delivery replaced by `Submitted`."""
+    from mitmproxy.addons.view import View
     from mitmproxy.test import taddons
 
     from r4u_mitm.addon import R4UTracer
 
     tracer = R4UTracer()
-    with taddons.context(tracer) as tctx:
+    with taddons.context(tracer, View()) as tctx:  # a view, as in mitmweb: streamed bodies are restored
         tctx.configure(tracer, r4u_outbox=str(tmp_path / "outbox.sqlite"), r4u_api_url="http://127.0.0.1:9")
         tracer.delivery.stop(None)
         tracer.delivery = Submitted()

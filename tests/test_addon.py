@@ -131,3 +131,25 @@ def test_the_flow_comment_follows_the_trace_delivery(tracer):
     assert flows[0].comment.endswith("· delivered") and not flows[0].marked
     assert flows[1].comment.endswith("· dead-lettered") and flows[1].marked
     t._delivery_outcome("unknown-trace", "delivered")  # a flow long gone: nothing to do
+
+
+def test_plain_mitmdump_does_not_copy_streamed_bodies_back(tmp_path):
+    """Without mitmweb/console (no view) and no save file, nobody looks at the flow afterwards:
+    restoring the body would only cost a copy on the event loop."""
+    from mitmproxy.test import taddons
+
+    from r4u_mitm.addon import R4UTracer
+    from tests.conftest import Submitted
+
+    t = R4UTracer()
+    with taddons.context(t) as tctx:
+        tctx.configure(t, r4u_outbox=str(tmp_path / "outbox.sqlite"), r4u_api_url="http://127.0.0.1:9")
+        t.delivery.stop(None)
+        t.delivery = Submitted()
+        flow = sse_response(openai_flow())
+        t.requestheaders(flow)
+        t.responseheaders(flow)
+        flow.response.stream(b"data: [DONE]\n\n")
+        t.response(flow)
+        assert flow.response.raw_content is None
+        assert t.delivery.records[0]["response"] == "data: [DONE]\n\n"

@@ -62,3 +62,21 @@ def test_flows_saved_without_streamed_bodies_say_so(tmp_path, upstream, r4u, mon
 def test_backfill_refuses_a_missing_file(tmp_path, r4u):
     run = backfill(tmp_path / "nope.mitm", r4u, tmp_path / "outbox.sqlite")
     assert run.returncode == 2 and "no such flow file" in run.stderr
+
+
+def test_a_flow_traced_live_keeps_its_trace_id_and_streamed_body(tmp_path, upstream, r4u, monkeypatch, tag):
+    """mitmdump with the addon and -w: the saved flow holds the teed stream, and backfilling it
+    gives R4U the same trace id as the live trace."""
+    flows = tmp_path / "flows.mitm"
+    with Mitmdump(tmp_path / "live", r4u_url=r4u.url, upstream_port=upstream.port, args=("-w", str(flows))) as proxy:
+        for key, value in proxy.client_env().items():
+            monkeypatch.setenv(key, value)
+        client = openai.OpenAI(api_key=SECRET, max_retries=0)
+        list(client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, stream=True,
+                                            extra_headers=headers(tag, stream="openai_chat/basic.sse")))
+        (live,) = traces_for(r4u, tag)
+    assert backfill(flows, r4u, tmp_path / "outbox.sqlite").returncode == 0  # waits until R4U has it
+    sent = [t for t in r4u.received if t["metadata"].get("properties", {}).get("test") == tag]
+    assert len(sent) == 2 and sent[1]["metadata"]["trace_id"] == live["metadata"]["trace_id"]
+    assert sent[1]["response"] == live["response"] == stream_bytes("openai_chat/basic.sse").decode()
+    assert sent[1]["metadata"]["properties"] == {"test": tag}
