@@ -2,7 +2,8 @@
 
 Knows nothing of mitmproxy flows or SSE. The addon calls `submit(make_record)`, which returns at
 once; the record is built and stored on a dedicated store thread; the sender task claims due
-records from the outbox and posts them to `{api_url}/v1/http-traces` over one httpx client,
+records from the outbox and posts them to `{api_url}/v1/http-traces` over keep-alive connections
+(`r4u_mitm.http1`, a small asyncio HTTP/1.1 client),
 deleting each only after a 2xx. Every outbox call of the sender runs on the store thread too,
 so the event loop never waits for SQLite.
 
@@ -36,8 +37,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
-
+from r4u_mitm import http1
 from r4u_mitm.outbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_RECORDS, Outbox, OutboxClosed, read_stats
 
 __all__ = ["Delivery", "traces_urls", "parse_retry_after", "rejection_reason"]
@@ -51,7 +51,7 @@ RETRYABLE = frozenset({408, 429})
 # Answers about R4U's setup (wrong URL, auth, a redirect), not about the record: keep the record.
 NOT_THE_RECORD = frozenset({401, 403, 404, 405, 407})
 COMMIT_GATHER = 0.02            # seconds the committer waits for outcomes to pile up
-JSON_BODY = httpx.Headers({"content-type": "application/json"})
+JSON_BODY = {"Content-Type": "application/json"}
 DROP_LOG_EVERY = 10.0            # seconds between two "outbox full" warnings (the count is summed)
 
 
@@ -81,7 +81,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return min(max(0.0, seconds), RETRY_AFTER_MAX)
 
 
-def rejection_reason(response: httpx.Response) -> str:
+def rejection_reason(response: http1.Response) -> str:
     """A short reason for a refusal: FastAPI's first `detail` item's `loc` and `msg` (never its
     `input`, which echoes the record), or the detail string, or the status phrase."""
     text = ""
@@ -111,7 +111,7 @@ def _backoff(n: int, base: float, cap: float) -> float:
 
 def _describe(exc: BaseException, timeout: float) -> str:
     """A short, secret-free description of a failure (its type, its message, the OS reason)."""
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, http1.Timeout):
         return f"no answer within {timeout:g}s ({type(exc).__name__})"
     text = " ".join(str(exc).split())
     cause, seen = exc.__cause__ or exc.__context__, 0
@@ -210,7 +210,7 @@ class _Sender:
         self.results_ready = asyncio.Event()
         self.posted = asyncio.Event()  # a post ended (drain: look again)
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=delivery.batch_size)
-        self.client: httpx.AsyncClient | None = None
+        self.client: http1.Client | None = None
         self.tasks: list[asyncio.Task] = []
         self.in_flight = 0
         self.pause_until = 0.0         # monotonic
@@ -363,9 +363,7 @@ class _Sender:
         """None when R4U answers (whatever the status), else why not."""
         try:
             response = await self.client.get(self.d._probe_url)
-        except httpx.HTTPError as exc:
-            return _describe(exc, self.d.timeout)
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError) as exc:  # http1.TransportError and Timeout are OSErrors
             return _describe(exc, self.d.timeout)
         if response.status_code in NOT_THE_RECORD:
             self.d._misconfigured(response.status_code, rejection_reason(response))
@@ -385,7 +383,7 @@ class _Sender:
         self.in_flight += 1
         try:
             response = await self.client.post(d._post_url, content=body, headers=JSON_BODY)
-        except (httpx.TransportError, OSError, ssl.SSLError) as exc:
+        except (http1.TransportError, OSError, ssl.SSLError) as exc:
             error = _describe(exc, d.timeout)
             self._add_retry(rowid, time.time(), error)  # due again as soon as R4U answers
             d._unreachable(error)
@@ -521,7 +519,7 @@ class Delivery:
             raise ValueError("max_in_flight must be at least 1")
         self.api_url = api_url
         self.base_url, post_url, probe_url = traces_urls(api_url)
-        self._post_url, self._probe_url = httpx.URL(post_url), httpx.URL(probe_url)  # parsed once
+        self._post_url, self._probe_url = http1.URL(post_url), http1.URL(probe_url)  # parsed once
         self.shown_url = _safe_url(self.base_url)
         self.outbox_path = Path(outbox_path).expanduser()
         self.max_records, self.max_bytes = max_records, max_bytes
@@ -530,8 +528,8 @@ class Delivery:
         self.status_interval = status_interval
         self.retry_base, self.retry_cap = retry_base, retry_cap
         self.batch_size = max(batch_size, max_in_flight)
-        # Static headers live on the client (merged once per request by httpx, not twice).
-        self._headers = {"accept": "application/json", "user-agent": USER_AGENT}
+        # Static headers live on the client (encoded once, not per request).
+        self._headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         if api_key:
             self._headers["X_API_KEY"] = api_key
         self._ssl = _ssl_context(ca_file)
@@ -555,9 +553,7 @@ class Delivery:
         self._drops_unlogged = 0
         self._drop_logged_at = 0.0
         self._last_status: tuple | None = None
-        self._httpx_filter: logging.Filter | None = None
         self._on_outcome = on_outcome
-        self._quiet_httpx()
 
     # The addon's side (any thread) ----------------------------------------------------------------
 
@@ -669,7 +665,6 @@ class Delivery:
         finally:
             self._log_drops(force=True)
             self._outbox.close()
-            self._unquiet_httpx()
 
     # The store thread -----------------------------------------------------------------------------
 
@@ -801,17 +796,10 @@ class Delivery:
 
     # Delivery's plumbing --------------------------------------------------------------------------
 
-    def _make_client(self) -> httpx.AsyncClient:
-        # trust_env=False: never send our own traffic through the proxy (or any proxy) by env.
-        return httpx.AsyncClient(
-            trust_env=False,
-            verify=self._ssl,
-            timeout=httpx.Timeout(self.timeout),
-            limits=httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight,
-                                keepalive_expiry=30.0),
-            follow_redirects=False,
-            headers=self._headers,
-        )
+    def _make_client(self) -> http1.Client:
+        # Direct connections only (never through the proxy, or any proxy, by env); no redirects.
+        return http1.Client(ssl_context=self._ssl, timeout=self.timeout, headers=self._headers,
+                            max_connections=self.max_in_flight, keepalive_expiry=30.0)
 
     def _drain(self, seconds: float) -> None:
         pending = self._outbox.pending_count()
@@ -845,22 +833,3 @@ class Delivery:
         elif errors:
             self._internal_error("delivering before exit", errors[0])
         self._drainer = None
-
-    def _quiet_httpx(self) -> None:
-        """httpx logs every request at INFO: keep our posts out of mitmproxy's event log."""
-        if self._httpx_filter is not None:
-            return
-        prefix = self.base_url
-
-        def keep(record: logging.LogRecord) -> bool:
-            return not (record.msg.startswith("HTTP Request:") if isinstance(record.msg, str) else False) \
-                or not any(str(arg).startswith(prefix) for arg in (record.args or ()))
-
-        self._httpx_filter = logging.Filter()
-        self._httpx_filter.filter = keep  # type: ignore[method-assign]
-        logging.getLogger("httpx").addFilter(self._httpx_filter)
-
-    def _unquiet_httpx(self) -> None:
-        if self._httpx_filter is not None:
-            logging.getLogger("httpx").removeFilter(self._httpx_filter)
-            self._httpx_filter = None

@@ -3,6 +3,7 @@ stop, drain, restart. Plus the fake's own strictness."""
 
 import asyncio
 import collections
+import json
 import logging
 import re
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from r4u_mitm import http1
 from r4u_mitm.outbox import Outbox, encode, read_stats
 from r4u_mitm.sender import Delivery, parse_retry_after, rejection_reason, traces_urls
 from tests.fakes.r4u import FakeR4U
@@ -420,7 +422,7 @@ def test_make_record_raising_is_counted_and_the_store_thread_goes_on(fake, box, 
 
 
 def test_api_key_is_sent_as_X_API_KEY_and_never_logged(down, box, caplog):
-    caplog.set_level(logging.DEBUG)  # every logger, every level: httpx and httpcore too
+    caplog.set_level(logging.DEBUG)  # every logger, every level
     records = [make() for _ in range(10)]
     poison = make()
 
@@ -573,13 +575,17 @@ def test_base_url_normalization(given, base):
 
 def test_rejection_reason_is_short_and_never_echoes_the_input():
     big = make(request="x" * 10_000)
-    answer = httpx.Response(422, json={"detail": [
+    answer = json_response(422, {"detail": [
         {"type": "missing", "loc": ["body", "started_at"], "msg": "Field required", "input": big},
         {"type": "missing", "loc": ["body", "response"], "msg": "Field required", "input": big},
     ]})
     assert rejection_reason(answer) == "HTTP 422: body.started_at: Field required (+1 more)"
-    assert rejection_reason(httpx.Response(400, json={"detail": "y" * 1000})) == ("HTTP 400: " + "y" * 1000)[:200]
-    assert rejection_reason(httpx.Response(413, content=b"<html>too big</html>")) == "HTTP 413: Request Entity Too Large"
+    assert rejection_reason(json_response(400, {"detail": "y" * 1000})) == ("HTTP 400: " + "y" * 1000)[:200]
+    assert rejection_reason(http1.Response(413, content=b"<html>too big</html>")) == "HTTP 413: Request Entity Too Large"
+
+
+def json_response(status: int, payload: object) -> http1.Response:
+    return http1.Response(status, {"content-type": "application/json"}, json.dumps(payload).encode())
 
 
 # The fake R4U ------------------------------------------------------------------------------------
