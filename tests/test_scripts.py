@@ -80,3 +80,24 @@ def test_readme_node_app_in_reverse_mode(tmp_path, upstream, r4u, tag):
     assert run.stdout.strip() == "stream ok", run.stderr
     (trace,) = traces_for(r4u, tag)
     assert trace["metadata"]["stream_complete"] is True
+
+
+def test_r4u_mitm_web_runs_mitmweb_with_the_addon(tmp_path):
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).parent / "r4u-mitm"
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    proc = subprocess.Popen([cli, "web", "-p", str(free_port()), "--listen-host", "127.0.0.1",
+                             "--set", f"web_port={free_port()}", "--set", "web_open_browser=false",
+                             "--set", f"confdir={tmp_path}", "--set", "r4u_api_url=http://127.0.0.1:9"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline, out = time.monotonic() + 60, ""
+        while "r4u-mitm loaded" not in out and time.monotonic() < deadline and proc.poll() is None:
+            out += proc.stdout.readline()
+        assert "r4u-mitm loaded" in out and "Web server listening" in out, out
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
