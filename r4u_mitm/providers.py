@@ -451,7 +451,20 @@ class _ChunkSummary(StreamSummary):
         elif not self._fr_index0 and self.finish_reason is None:
             self.finish_reason = reason
 
-    def _choices(self, choices: list) -> bool:  # pragma: no cover - overridden
+    def _choices(self, choices: list) -> bool:
+        """Note each choice's finish reason; True when any choice carries output."""
+        out = False
+        for c in choices:
+            if c.__class__ is not dict:
+                continue
+            fr = c.get("finish_reason")
+            if fr and fr.__class__ is str:
+                self._finish(c, fr)
+            if self._carries_output(c):
+                out = True
+        return out
+
+    def _carries_output(self, choice: dict) -> bool:  # pragma: no cover - overridden
         return False
 
 
@@ -461,24 +474,15 @@ class _ChatSummary(_ChunkSummary):
     def __init__(self) -> None:
         super().__init__(CHAT)
 
-    def _choices(self, choices: list) -> bool:
-        out = False
-        for c in choices:
-            if c.__class__ is not dict:
-                continue
-            fr = c.get("finish_reason")
-            if fr and fr.__class__ is str:
-                self._finish(c, fr)
-            delta = c.get("delta")
-            if delta and delta.__class__ is dict and (
-                delta.get("content")
-                or delta.get("refusal")
-                or delta.get("tool_calls")
-                or delta.get("function_call")
-                or _audio_output(delta.get("audio"))
-            ):
-                out = True
-        return out
+    def _carries_output(self, choice: dict) -> bool:
+        delta = choice.get("delta")
+        return bool(delta) and delta.__class__ is dict and bool(
+            delta.get("content")
+            or delta.get("refusal")
+            or delta.get("tool_calls")
+            or delta.get("function_call")
+            or _audio_output(delta.get("audio"))
+        )
 
 
 def _audio_output(audio: Any) -> bool:
@@ -491,17 +495,8 @@ class _CompletionsSummary(_ChunkSummary):
     def __init__(self) -> None:
         super().__init__(COMPLETIONS)
 
-    def _choices(self, choices: list) -> bool:
-        out = False
-        for c in choices:
-            if c.__class__ is not dict:
-                continue
-            fr = c.get("finish_reason")
-            if fr and fr.__class__ is str:
-                self._finish(c, fr)
-            if c.get("text"):
-                out = True
-        return out
+    def _carries_output(self, choice: dict) -> bool:
+        return bool(choice.get("text"))
 
 
 _RESPONSE_OUTPUT = frozenset(
