@@ -518,14 +518,11 @@ _RESPONSE_LIFECYCLE = frozenset(
 )
 
 
-class _ResponsesSummary(StreamSummary):
-    """Responses API: ``event: <type>`` + JSON with the same ``type``; ends with a terminal event."""
+class _TypedSummary(StreamSummary):
+    """Responses and Anthropic: each payload names its event in a JSON ``type`` (the SSE event
+    name is the fallback)."""
 
-    __slots__ = ("status",)
-
-    def __init__(self) -> None:
-        super().__init__(RESPONSES)
-        self.status: str | None = None
+    __slots__ = ()
 
     def _add(self, event: Event) -> bool:
         try:
@@ -538,6 +535,19 @@ class _ResponsesSummary(StreamSummary):
         if t.__class__ is not str:
             t = event.event
         return self._on(t, d)
+
+    def _on(self, t: str, d: dict) -> bool:  # pragma: no cover - overridden
+        return False
+
+
+class _ResponsesSummary(_TypedSummary):
+    """Responses API: ``event: <type>`` + JSON with the same ``type``; ends with a terminal event."""
+
+    __slots__ = ("status",)
+
+    def __init__(self) -> None:
+        super().__init__(RESPONSES)
+        self.status: str | None = None
 
     def _on(self, t: str, d: dict) -> bool:
         if t in _RESPONSE_OUTPUT:
@@ -579,25 +589,13 @@ class _ResponsesSummary(StreamSummary):
             self._fail(err if err else "response failed")
 
 
-class _AnthropicSummary(StreamSummary):
+class _AnthropicSummary(_TypedSummary):
     """Anthropic Messages: ``event: <type>`` + JSON with the same ``type``; ends with message_stop."""
 
     __slots__ = ()
 
     def __init__(self) -> None:
         super().__init__(MESSAGES)
-
-    def _add(self, event: Event) -> bool:
-        try:
-            d = _loads(event.data)
-        except _JSON_ERRORS:
-            return False
-        if d.__class__ is not dict:
-            return False
-        t = d.get("type")
-        if t.__class__ is not str:
-            t = event.event
-        return self._on(t, d)
 
     def _on(self, t: str, d: dict) -> bool:
         if t == "content_block_delta":

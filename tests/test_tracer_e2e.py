@@ -123,7 +123,6 @@ def test_stream_helper_with_tools(openai_client, r4u, tag):
     (trace,) = traces_for(r4u, tag)
     assert trace["metadata"]["finish_reason"] == "tool_calls"
     assert trace["metadata"]["stream_complete"] is True
-    assert all(call.function.arguments in trace["response"].replace('\\"', '"') or True for call in calls)
     assert trace["response"] == stream_bytes("openai_chat/tool_calls_parallel.sse").decode()
 
 
