@@ -1,9 +1,11 @@
 """The mitmproxy addon: `mitmdump -s r4u_mitm/addon.py`. Glue only.
 
 It picks the flows to trace, tees their event streams (`tap.Tap`), freezes each finished
-exchange into plain data (`record.Exchange`) and hands it to the delivery, which builds the R4U
-record and delivers it off the event loop. No hook awaits anything; no hook lets an exception
-out to mitmproxy (a failure of the tracer must never change what the client gets).
+exchange into plain data (`record.Exchange`) and hands it to the spool writer, a queue put. The
+delivery process (`r4u-mitm deliver`, started and supervised here) builds the records and posts
+them: nothing in this process decodes, parses or encodes a body, or speaks to R4U. No hook
+awaits anything; no hook lets an exception out to mitmproxy (a failure of the tracer must never
+change what the client gets).
 """
 
 from __future__ import annotations
@@ -11,42 +13,26 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import uuid
 import weakref
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
 from mitmproxy import command, ctx, exceptions, hooks, http
 
-from r4u_mitm import contentview, providers
-from r4u_mitm.flows import freeze, pop_tags, skip_requested
-from r4u_mitm.record import build_record
-from r4u_mitm.sender import Delivery
+from r4u_mitm import contentview, providers, supervisor
+from r4u_mitm.flows import Trace, freeze, pop_tags, skip_requested
+from r4u_mitm.policy import safe_url, traces_urls
+from r4u_mitm.record import WIRE_FIELDS
+from r4u_mitm.spool import read_stats
 from r4u_mitm.tap import Tap
 
 log = logging.getLogger("r4u_mitm")
 
 OUTBOX_NAME = "r4u-outbox.sqlite"
 FLOWS_FOLLOWED = 10_000  # traced flows whose comment follows their delivery (most recent)
-# What mitmweb's SSE view shows of a trace, copied from the record's metadata.
-WIRE_FIELDS = ("provider", "ttfb_ms", "ttft_ms", "duration_ms", "events", "response_bytes", "stream_complete",
-               "truncated")
-DELIVERY_OPTIONS = {"r4u_api_url", "r4u_outbox", "r4u_ca_file", "r4u_outbox_max_records", "r4u_outbox_max_mb"}
-
-
-class _Trace:
-    """What the addon keeps for a traced flow until it ends."""
-
-    __slots__ = ("flow", "trace_id", "provider", "properties", "tap")
-
-    def __init__(self, flow: http.HTTPFlow, provider: str, properties: dict[str, str]) -> None:
-        self.flow = flow
-        self.trace_id = str(uuid.uuid4())
-        self.provider = provider
-        self.properties = properties
-        self.tap: Tap | None = None
+STORE_DEADLINE = 10.0  # seconds at shutdown to store what is queued
+MB = 1024 * 1024
 
 
 def guarded(hook):
@@ -67,12 +53,7 @@ def guarded(hook):
 class R4UTracer:
     def __init__(self) -> None:
         self.rules = providers.parse_host_rules(providers.DEFAULT_HOSTS)
-        self.delivery: Delivery | None = None
-        self.open: dict[str, _Trace] = {}
-        self.followed: OrderedDict[str, tuple[weakref.ref, bool]] = OrderedDict()
-        self.internal_errors = 0
-        self.traced = 0
-        self.running_ = False
+        self.link: supervisor.Link | None = None
 
     def load(self, loader) -> None:
         contentview.register()  # mitmweb's view for event streams; once, whatever reloads the script
@@ -111,7 +92,13 @@ class R4UTracer:
         )
         loader.add_option(
             "r4u_drain_seconds", int, 5,
-            "On shutdown, how long to keep delivering pending traces; what is left stays in the outbox.",
+            "When the proxy stops, how long its delivery process goes on delivering pending traces; "
+            "what is left stays in the outbox for the next start.",
+        )
+        loader.add_option(
+            "r4u_memory_mb", int, 512,
+            "Most megabytes of stream bodies kept by all open traces together; beyond it pieces pass "
+            "through unkept and those traces say metadata.truncated. The client always gets everything.",
         )
         loader.add_option(
             "r4u_ca_file", Optional[str], None,
@@ -125,7 +112,7 @@ class R4UTracer:
                 self.rules = providers.parse_host_rules(opts.r4u_hosts)
             except ValueError as exc:
                 raise exceptions.OptionsError(f"r4u_hosts: {exc}") from None
-        for name in ("r4u_max_body_bytes", "r4u_outbox_max_records", "r4u_outbox_max_mb"):
+        for name in ("r4u_max_body_bytes", "r4u_outbox_max_records", "r4u_outbox_max_mb", "r4u_memory_mb"):
             if name in updated and getattr(opts, name) <= 0:
                 raise exceptions.OptionsError(f"{name} must be a positive number, not {getattr(opts, name)}")
         if "r4u_drain_seconds" in updated and opts.r4u_drain_seconds < 0:
@@ -134,47 +121,61 @@ class R4UTracer:
             raise exceptions.OptionsError(f"r4u_api_url must be an http:// or https:// URL, not {opts.r4u_api_url!r}")
         if "r4u_ca_file" in updated and opts.r4u_ca_file and not os.path.isfile(opts.r4u_ca_file):
             raise exceptions.OptionsError(f"r4u_ca_file: no such file: {opts.r4u_ca_file}")
-        if updated & DELIVERY_OPTIONS or self.delivery is None:
-            self._replace_delivery()
+        path = Path(opts.r4u_outbox or os.path.join(os.path.expanduser(opts.confdir), OUTBOX_NAME)).expanduser()
+        link = supervisor.link(path)
+        if self.link is not None and link is not self.link:  # another outbox: open flows go on there
+            link.open.update(self.link.open)
+            self.link.open.clear()
+            if self.link.running:
+                self.link.stop(STORE_DEADLINE)
+            supervisor.forget(self.link)
+        self.link = link
+        link.on_outcome = self._delivery_outcome
+        link.budget.limit = opts.r4u_memory_mb * MB
+        if link.running:
+            self._start()
 
-    def _replace_delivery(self) -> None:
+    def _start(self) -> None:
         opts = ctx.options
-        if self.delivery is not None:
-            self.delivery.stop(None)
-        outbox = opts.r4u_outbox or os.path.join(os.path.expanduser(opts.confdir), OUTBOX_NAME)
-        self.delivery = Delivery(
-            api_url=opts.r4u_api_url,
-            api_key=os.environ.get("R4U_API_KEY") or None,
-            outbox_path=Path(outbox),
-            max_records=opts.r4u_outbox_max_records,
-            max_bytes=opts.r4u_outbox_max_mb * 1024 * 1024,
-            ca_file=opts.r4u_ca_file,
-            on_outcome=self._delivery_outcome,
-        )
-        if self.running_:
-            self.delivery.start()
+        args = ["--r4u-url", opts.r4u_api_url, "--drain-seconds", str(opts.r4u_drain_seconds),
+                "--max-records", str(opts.r4u_outbox_max_records), "--max-mb", str(opts.r4u_outbox_max_mb)]
+        if opts.r4u_ca_file:
+            args += ["--ca-file", opts.r4u_ca_file]
+        self.link.start(max_records=opts.r4u_outbox_max_records, max_bytes=opts.r4u_outbox_max_mb * MB,
+                        deliverer_args=args)
 
     def _count_error(self, where: str, flow_id: str, what: str) -> None:
-        self.internal_errors += 1
-        if self.internal_errors <= 10 or self.internal_errors % 1000 == 0:
+        n = self.link.internal_errors = self.link.internal_errors + 1
+        if n <= 10 or n % 1000 == 0:
             log.error("r4u-mitm: internal error in %s (flow %s): %s", where, flow_id, what)
 
     def running(self) -> None:
-        self.running_ = True
-        self.delivery.start()
-        log.info("r4u-mitm loaded: tracing %s -> %s", ", ".join(ctx.options.r4u_hosts), self.delivery.shown_url)
+        self._start()
+        shown = safe_url(traces_urls(ctx.options.r4u_api_url)[0])
+        log.info("r4u-mitm loaded: tracing %s -> %s", ", ".join(ctx.options.r4u_hosts), shown)
 
     def done(self) -> None:
-        """Record the flows still open, then stop delivery: at shutdown, drain within the
-        deadline; on a script reload, leave the outbox to the next instance."""
-        while self.open:
-            _, trace = self.open.popitem()
-            self._record_unfinished(trace.flow, trace)
+        """At shutdown: record the flows still open, store what is queued, and let the delivery
+        process drain on its own. On a script reload: nothing stops; the next instance of this
+        addon takes the link (writer, deliverer, open traces) over."""
         exiting = ctx.master.should_exit.is_set() if ctx.master else True
-        if self.delivery is not None:
-            self.delivery.stop(ctx.options.r4u_drain_seconds if exiting else None)
-            self.delivery = None
-        self.running_ = False
+        link = self.link
+        if link is None or not exiting:
+            return
+        while link.open:
+            _, trace = link.open.popitem()
+            self._record_unfinished(trace.flow, trace)
+        if link.running and not link.stop(STORE_DEADLINE):
+            log.warning("r4u-mitm: traces still queued after %gs were not stored in %s", STORE_DEADLINE, link.path)
+        supervisor.forget(link)
+        try:
+            pending = read_stats(link.path)["pending"]
+        except (OSError, RuntimeError):
+            return
+        if pending:
+            log.info("r4u-mitm: %d trace(s) pending in %s: the delivery process goes on for up to %ss, "
+                     "the rest stay in the outbox for the next start", pending, link.path,
+                     ctx.options.r4u_drain_seconds)
 
     # Hooks -------------------------------------------------------------------------------------
 
@@ -186,8 +187,8 @@ class R4UTracer:
         properties = pop_tags(flow.request.headers)
         if skip_requested(properties):
             return
-        trace = _Trace(flow, provider, properties)
-        self.open[flow.id] = trace
+        trace = Trace(flow, provider, properties)
+        self.link.open[flow.id] = trace
         flow.metadata["r4u.trace_id"] = trace.trace_id  # saved with the flow: backfill reuses both
         if properties:
             flow.metadata["r4u.properties"] = properties
@@ -195,18 +196,18 @@ class R4UTracer:
 
     @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        trace = self.open.get(flow.id)
+        trace = self.link.open.get(flow.id)
         if trace is None:
             return
         is_event_stream = "text/event-stream" in flow.response.headers.get("content-type", "")
         if is_event_stream or flow.response.stream is True:
             flow.response.stream = True  # streamed even if the tap can't be made: never buffer an event stream
-            trace.tap = Tap(ctx.options.r4u_max_body_bytes)
+            trace.tap = Tap(ctx.options.r4u_max_body_bytes, self.link.budget)
             flow.response.stream = trace.tap
 
     @guarded
     def response(self, flow: http.HTTPFlow) -> None:
-        trace = self.open.pop(flow.id, None)
+        trace = self.link.open.pop(flow.id, None)
         if trace is None:
             return
         self._restore_body(flow, trace)
@@ -214,7 +215,7 @@ class R4UTracer:
 
     @guarded
     def error(self, flow: http.HTTPFlow) -> None:
-        trace = self.open.pop(flow.id, None)
+        trace = self.link.open.pop(flow.id, None)
         if trace is None:
             return
         # the openai SDK hangs up right after [DONE], often before the HTTP terminator, so a
@@ -223,7 +224,7 @@ class R4UTracer:
         self._submit(flow, trace)
 
     @staticmethod
-    def _restore_body(flow: http.HTTPFlow, trace: _Trace) -> None:
+    def _restore_body(flow: http.HTTPFlow, trace: Trace) -> None:
         """Put a teed stream back into the flow when someone will look at it: mitmweb or the
         console (their `view` addon), or a `save_stream_file`. mitmdump alone drops flows, so
         there it would only cost a copy of the body on the event loop."""
@@ -233,30 +234,31 @@ class R4UTracer:
             flow.response.raw_content = b"".join(trace.tap.pieces)
 
     @guarded
-    def _record_unfinished(self, flow: http.HTTPFlow, trace: _Trace) -> None:
+    def _record_unfinished(self, flow: http.HTTPFlow, trace: Trace) -> None:
         self._submit(flow, trace, note="proxy stopped before the exchange finished")
 
     # Freezing an exchange -------------------------------------------------------------------------
 
-    def _submit(self, flow: http.HTTPFlow, trace: _Trace, note: str | None = None) -> None:
+    def _submit(self, flow: http.HTTPFlow, trace: Trace, note: str | None = None) -> None:
         if trace.tap is not None and trace.tap.error:
             self._count_error("the stream tap", flow.id, trace.tap.error)
-        wire = self._annotate(flow, trace)
+        self._annotate(flow, trace)
         exchange = freeze(flow, trace_id=trace.trace_id, provider=trace.provider, properties=trace.properties,
                           tap=trace.tap, note=note)
-        self.traced += 1
+        link = self.link
+        link.traced += 1
+        if link.writer is None:  # not running (yet): nothing can store it
+            raise RuntimeError("the spool writer is not running")
         opts = ctx.options
-        self.delivery.submit(functools.partial(
-            _build_and_note, wire, exchange, max_body_bytes=opts.r4u_max_body_bytes,
-            redact=tuple(opts.r4u_redact_headers),
-        ), trace_id=trace.trace_id)
+        link.writer.append(exchange, {"max_body_bytes": opts.r4u_max_body_bytes,
+                                      "redact": list(opts.r4u_redact_headers)},
+                           trace.tap.kept_bytes if trace.tap is not None else 0)
 
     @guarded
-    def _annotate(self, flow: http.HTTPFlow, trace: _Trace) -> dict | None:
-        """For mitmweb: a place in the flow for the trace's timing, which the store thread fills
-        from the record (its keys exist from here on: the dict never changes size under a
-        reader); a comment that follows the trace's delivery; a mark (`~marked`) on flows whose
-        trace is truncated or dead-lettered."""
+    def _annotate(self, flow: http.HTTPFlow, trace: Trace) -> None:
+        """For mitmweb: a place in the flow for the trace's timing, which the deliverer's
+        outcomes fill (its keys exist from here on); a comment that follows the trace's
+        delivery; a mark (`~marked`) on flows whose trace is truncated or dead-lettered."""
         wire = dict.fromkeys(WIRE_FIELDS)
         wire["provider"] = trace.provider
         body = flow.response.raw_content if flow.response is not None and trace.tap is None else None
@@ -264,21 +266,26 @@ class R4UTracer:
         if truncated:
             flow.marked = ":warning:"
         flow.metadata[contentview.WIRE_KEY] = wire
-        self.followed[trace.trace_id] = (weakref.ref(flow), truncated)
-        if len(self.followed) > FLOWS_FOLLOWED:
-            self.followed.popitem(last=False)
+        followed = self.link.followed
+        followed[trace.trace_id] = (weakref.ref(flow), truncated)
+        if len(followed) > FLOWS_FOLLOWED:
+            followed.popitem(last=False)
         _set_comment(flow, trace.trace_id, "pending", truncated)
-        return wire
 
-    def _delivery_outcome(self, trace_id: str, outcome: str) -> None:
-        """From the delivery, on the event loop: show what became of a flow's trace in mitmweb
-        (`~comment dead-lettered`, `~comment waiting`)."""
-        ref, truncated = self.followed.get(trace_id, (None, False))
+    def _delivery_outcome(self, message: dict) -> None:
+        """From the delivery process, on the event loop: show what became of a flow's trace in
+        mitmweb (`~comment dead-lettered`, `~comment waiting`) and its timing in the SSE view."""
+        trace_id, outcome = message.get("trace"), str(message.get("outcome"))
+        followed = self.link.followed
+        ref, truncated = followed.get(trace_id, (None, False))
         flow = ref() if ref is not None else None
         if flow is None:
             return
         if outcome in ("delivered", "dead-lettered"):
-            del self.followed[trace_id]
+            del followed[trace_id]
+        wire, found = flow.metadata.get(contentview.WIRE_KEY), message.get("wire")
+        if isinstance(wire, dict) and isinstance(found, dict):
+            wire.update((key, found.get(key)) for key in WIRE_FIELDS)
         _set_comment(flow, trace_id, outcome, truncated)
         if outcome == "dead-lettered":
             flow.marked = ":warning:"
@@ -287,15 +294,27 @@ class R4UTracer:
     @command.command("r4u.status")
     def status(self) -> str:
         """Show r4u-mitm's delivery state: traces pending, delivered, retried, dead-lettered, dropped."""
-        state = dict(self.delivery.status()) if self.delivery else {}
-        state.update(traced=self.traced, open=len(self.open), internal_errors=self.internal_errors)
+        link = self.link
+        try:
+            stats = read_stats(link.path)
+        except (OSError, RuntimeError):
+            stats = {}
+        deliverer = stats.get("deliverer") or {}
+        writer = link.writer
+        state = {key: stats.get(key, 0) for key in ("pending", "delivered", "retried", "dead_lettered", "dropped")}
+        state.update(
+            record_errors=deliverer.get("record_errors", 0), reachable=deliverer.get("reachable"),
+            last_error=deliverer.get("last_error"), oldest_pending_age_s=stats.get("oldest_pending_age_s"),
+            outbox=str(link.path), traced=link.traced, open=len(link.open), internal_errors=link.internal_errors,
+            store_errors=writer.lost if writer is not None else 0, memory_used_mb=round(link.budget.used / MB, 1),
+        )
         return ", ".join(f"{k}={v}" for k, v in state.items())
 
     @command.command("r4u.flush")
     def flush(self) -> None:
         """Try to deliver pending traces to R4U now."""
-        if self.delivery:
-            self.delivery.flush()
+        if self.link:
+            self.link.flush()
 
 
 def _set_comment(flow: http.HTTPFlow, trace_id: str, state: str, truncated: bool) -> None:
@@ -304,16 +323,6 @@ def _set_comment(flow: http.HTTPFlow, trace_id: str, state: str, truncated: bool
     if flow.comment and not flow.comment.startswith("r4u "):
         return
     flow.comment = f"r4u {trace_id[:8]} · {state}" + (" · trace truncated" if truncated else "")
-
-
-def _build_and_note(wire: dict | None, exchange, **options) -> dict:
-    """On the store thread: build the record; copy what parsing found into the flow's wire
-    timing for the SSE view (keys exist already: the dict never changes size under a reader)."""
-    record = build_record(exchange, **options)
-    if wire is not None:
-        for key in WIRE_FIELDS:
-            wire[key] = record["metadata"].get(key)
-    return record
 
 
 addons = [R4UTracer()]

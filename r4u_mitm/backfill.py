@@ -1,16 +1,14 @@
 """`r4u-mitm backfill FLOWS`: deliver the LLM exchanges of a flow file (`mitmdump -w FLOWS`) as
-traces, through the same record builder and outbox as the live proxy.
+traces: written into the spool like the live addon's, delivered by the spool's deliverer.
 
-A flow traced live keeps its trace id (the addon stores it in the flow's metadata), so R4U can
-tell a backfilled trace from one it already has; other flows get an id derived from the flow's
-own id, the same on every backfill run.
+A flow traced live keeps its trace id (the addon stores it in the flow's metadata), and the
+spool accepts a trace id once: backfilling into a proxy's own spool never posts one of its
+traces twice. Other flows get an id derived from the flow's own id, the same on every run.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import functools
 import os
 import sys
 import time
@@ -19,40 +17,54 @@ from pathlib import Path
 
 from mitmproxy import http, io
 
-from r4u_mitm import providers
+from r4u_mitm import providers, supervisor
+from r4u_mitm.cli import DEFAULT_OUTBOX
 from r4u_mitm.flows import freeze, pop_tags, skip_requested
-from r4u_mitm.record import build_record
-from r4u_mitm.sender import Delivery
+from r4u_mitm.spool import Spool, pack
 
-DEFAULT_OUTBOX = Path("~/.mitmproxy/r4u-outbox.sqlite")
 TRACE_NAMESPACE = uuid.UUID("6f1c9a52-0d7e-4d4b-9a3e-5b2f0e1c7a11")
+BATCH = 256
 
 
-def submit_flows(path: Path, delivery: Delivery, rules: providers.HostRules, *, max_body_bytes: int,
-                 progress=None) -> tuple[int, int]:
-    """Read `path` and submit a record for each matching HTTP flow: (flows read, traced)."""
-    read = traced = 0
+def spool_flows(path: Path, spool: Spool, rules: providers.HostRules, *, options: dict,
+                progress=None) -> tuple[int, list[str], int]:
+    """Read `path` and append each matching HTTP flow's exchange to `spool`:
+    (flows read, trace ids added, trace ids the spool had already)."""
+    read = skipped = 0
+    added: list[str] = []
+    batch = []
+
+    def store() -> None:
+        nonlocal skipped
+        if batch:
+            _, already, _ = spool.append(batch)
+            skipped += already
+            added.extend(item.trace_id for item in batch)
+            batch.clear()
+
     with open(path, "rb") as f:
         for flow in io.FlowReader(f).stream():
             read += 1
-            if isinstance(flow, http.HTTPFlow) and _submit(flow, delivery, rules, max_body_bytes):
-                traced += 1
+            exchange = _exchange(flow, rules) if isinstance(flow, http.HTTPFlow) else None
+            if exchange is not None:
+                batch.append(pack(exchange, options))
+                if len(batch) >= BATCH:
+                    store()
             if progress:
-                progress(read, traced)
-    return read, traced
+                progress(read, len(added) + len(batch))
+    store()
+    return read, added, skipped
 
 
-def _submit(flow: http.HTTPFlow, delivery: Delivery, rules: providers.HostRules, max_body_bytes: int) -> bool:
+def _exchange(flow: http.HTTPFlow, rules: providers.HostRules):
     provider = rules.match(flow.request.pretty_host, flow.request.port)
     if provider is None:
-        return False
+        return None
     properties = {**pop_tags(flow.request.headers), **flow.metadata.get("r4u.properties", {})}
     if skip_requested(properties):
-        return False
+        return None
     trace_id = flow.metadata.get("r4u.trace_id") or str(uuid.uuid5(TRACE_NAMESPACE, flow.id))
-    exchange = freeze(flow, trace_id=trace_id, provider=provider, properties=properties)
-    delivery.submit(functools.partial(build_record, exchange, max_body_bytes=max_body_bytes))
-    return True
+    return freeze(flow, trace_id=trace_id, provider=provider, properties=properties)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--r4u-url", default=os.environ.get("R4U_API_URL", "http://localhost:8000"),
                         help="R4U's base URL (default: $R4U_API_URL or %(default)s)")
     parser.add_argument("--outbox", type=Path, default=Path(os.environ.get("R4U_OUTBOX", DEFAULT_OUTBOX)),
-                        help="the outbox the traces go through (default: %(default)s, the proxy's)")
+                        help="the spool the traces go through (default: %(default)s, the proxy's)")
     parser.add_argument("--hosts", nargs="+", default=list(providers.DEFAULT_HOSTS),
                         help="hosts to trace, as r4u_hosts (default: %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
@@ -74,35 +86,32 @@ def main(argv: list[str] | None = None) -> int:
         rules = providers.parse_host_rules(args.hosts)
     except ValueError as exc:
         parser.error(f"--hosts: {exc}")
-    delivery = Delivery(api_url=args.r4u_url, api_key=os.environ.get("R4U_API_KEY") or None,
-                        outbox_path=args.outbox.expanduser())
-    read, traced = asyncio.run(_run(args, delivery, rules))
-    delivery.stop(None)
-    left = delivery.status()["pending"]
-    print(f"\n{read} flows read, {traced} traced; {left} trace(s) still pending in {delivery.outbox_path}",
-          file=sys.stderr)
-    return 0 if left == 0 else 3
-
-
-async def _run(args, delivery: Delivery, rules: providers.HostRules) -> tuple[int, int]:
-    delivery.start()
+    path = args.outbox.expanduser()
 
     def progress(read: int, traced: int) -> None:
         print(f"\rreading {args.flows.name}: {read} flows, {traced} traced", end="", file=sys.stderr)
 
-    settled = ("delivered", "dead_lettered", "dropped")
-    before = await asyncio.to_thread(delivery.status)
-    read, traced = submit_flows(args.flows, delivery, rules, max_body_bytes=args.max_body_bytes, progress=progress)
-    deadline = time.monotonic() + args.wait
-    while time.monotonic() < deadline:
-        status = await asyncio.to_thread(delivery.status)
-        done = sum(status[k] - before[k] for k in settled) + status["record_errors"]
-        print(f"\rdelivering: {done} of {traced} settled, {status['pending']} pending"
-              f"{', R4U not answering' if status['reachable'] is False else ''}    ", end="", file=sys.stderr)
-        if done >= traced:
-            break
-        await asyncio.sleep(0.2)
-    return read, traced
+    with Spool(path) as spool:
+        read, added, skipped = spool_flows(args.flows, spool, rules, progress=progress,
+                                           options={"max_body_bytes": args.max_body_bytes, "redact": []})
+        print(f"\r{read} flows read, {len(added)} traced ({skipped} already in {path})", file=sys.stderr)
+        # a deliverer for the spool: this one, or (standing by) the one a proxy runs already
+        deliverer = supervisor.Deliverer(path, ["--r4u-url", args.r4u_url, "--drain-seconds", "0"],
+                                         lambda message: _show(message))
+        deadline = time.monotonic() + args.wait
+        try:
+            while (left := spool.pending_of(added)) and time.monotonic() < deadline:
+                print(f"\rdelivering: {len(added) - left} of {len(added)} settled    ", end="", file=sys.stderr)
+                time.sleep(0.1)
+        finally:
+            deliverer.stop()
+    print(f"\n{left} trace(s) still pending in {path}", file=sys.stderr)
+    return 0 if left == 0 else 3
+
+
+def _show(message: dict) -> None:
+    if message.get("log") in ("warning", "error"):
+        print(f"\n{message.get('msg')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

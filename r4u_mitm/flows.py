@@ -4,6 +4,7 @@ the only module besides the addon that knows mitmproxy's flow objects."""
 from __future__ import annotations
 
 import time
+import uuid
 
 from mitmproxy import http
 
@@ -12,6 +13,20 @@ from r4u_mitm.tap import Tap
 
 TAG_PREFIX = "x-r4u-"
 NOT_STORED = "response body not kept: streamed without the tracer's tap (stream_large_bodies without store_streamed_bodies, or a tracer fault)"
+
+
+class Trace:
+    """What the addon keeps for a traced flow until it ends (defined here, not in the addon
+    module that mitmproxy re-executes on reload: an open trace outlives a reload)."""
+
+    __slots__ = ("flow", "trace_id", "provider", "properties", "tap")
+
+    def __init__(self, flow: http.HTTPFlow, provider: str, properties: dict[str, str]) -> None:
+        self.flow = flow
+        self.trace_id = str(uuid.uuid4())
+        self.provider = provider
+        self.properties = properties
+        self.tap: Tap | None = None
 
 
 def freeze(flow: http.HTTPFlow, *, trace_id: str, provider: str, properties: dict[str, str] | None = None,

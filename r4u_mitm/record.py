@@ -1,6 +1,6 @@
 """An exchange, as plain data, into the record R4U ingests (`POST /v1/http-traces`).
 
-Runs once per exchange on the delivery's store thread, never on the event loop: this is where
+Runs once per exchange in the delivery process (`deliver.py`), never in the proxy: this is where
 bodies are decoded, streams parsed and timings derived. Knows nothing of mitmproxy.
 """
 
@@ -39,6 +39,11 @@ SECRET_QUERY_PARAMS = frozenset({
     "api-key", "api_key", "apikey", "key", "token", "access_token", "sig", "signature", "secret",
     "client_secret", "password",
 })
+
+# What mitmweb's event-stream view shows of a trace (copied from the metadata; the deliverer
+# sends them to the proxy with each outcome).
+WIRE_FIELDS = ("provider", "ttfb_ms", "ttft_ms", "duration_ms", "events", "response_bytes", "stream_complete",
+               "truncated")
 
 BINARY_TYPES = ("audio/", "image/", "video/", "multipart/", "application/octet-stream",
                 "application/zip", "application/pdf")
@@ -181,7 +186,7 @@ def _read_stream(ex: Exchange, encoding: str | None, limit: int):
     times = ex.piece_times if len(ex.piece_times) == len(ex.pieces) else [None] * len(ex.pieces)
     for n, (piece, at) in enumerate(zip(ex.pieces, times), 1):
         if n % GIL_YIELD_EVERY == 0:
-            time.sleep(0)  # let the event loop (the proxy's flows) have the GIL: a long stream takes a while
+            time.sleep(0)  # let the deliverer's event loop (posts in flight) have the GIL: a long stream takes a while
         chunk = body.feed(piece)
         if chunk:
             decoded.append(chunk)

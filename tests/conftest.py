@@ -15,25 +15,32 @@ from tests.harness import SHARED, Mitmdump
 SECRET = "sk-test-SECRET-4f9c2a7e1b3d5f8a0c6e"
 
 
-class Submitted:
-    """Stands in for the delivery in the addon's unit tests: keeps what the addon hands over."""
+class Spooled:
+    """Stands in for the spool writer in the addon's unit tests: packs each exchange the addon
+    hands over as the spool stores it, and builds its record as the deliverer does (`records`,
+    and in `messages` what the deliverer would tell the proxy once it is delivered)."""
 
     def __init__(self):
         self.records = []
+        self.messages = []
+        self.lost = 0
 
-    def submit(self, make_record, trace_id=None):
-        self.records.append(make_record())
+    def append(self, exchange, options, kept=0):
+        from r4u_mitm.deliver import build
+        from r4u_mitm.spool import pack
 
-    def stop(self, drain_seconds):
-        pass
+        body, wire = build(pack(exchange, options))
+        self.records.append(json.loads(body))
+        self.messages.append({"trace": exchange.trace_id, "outcome": "delivered", "wire": wire})
 
-    def status(self):
-        return {"pending": 0}
+    def close(self, timeout):
+        return True
 
 
 @pytest.fixture
 def tracer(tmp_path):
-    """The addon under mitmproxy's test context, its delivery replaced by `Submitted`."""
+    """The addon under mitmproxy's test context (not running: no writer thread, no deliverer),
+    its spool writer replaced by `Spooled`."""
     from mitmproxy.addons.view import View
     from mitmproxy.test import taddons
 
@@ -42,8 +49,7 @@ def tracer(tmp_path):
     tracer = R4UTracer()
     with taddons.context(tracer, View()) as tctx:  # a view, as in mitmweb: streamed bodies are restored
         tctx.configure(tracer, r4u_outbox=str(tmp_path / "outbox.sqlite"), r4u_api_url="http://127.0.0.1:9")
-        tracer.delivery.stop(None)
-        tracer.delivery = Submitted()
+        tracer.link.writer = Spooled()
         yield tracer, tctx
 
 

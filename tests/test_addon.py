@@ -27,19 +27,19 @@ def test_traces_only_matching_hosts(tracer):
     other, ours = openai_flow(host="example.com"), openai_flow()
     t.requestheaders(other)
     t.requestheaders(ours)
-    assert list(t.open) == [ours.id]
-    assert ours.metadata["r4u.trace_id"] == t.open[ours.id].trace_id
+    assert list(t.link.open) == [ours.id]
+    assert ours.metadata["r4u.trace_id"] == t.link.open[ours.id].trace_id
 
 
 def test_tags_are_removed_before_upstream_and_skip_means_untraced(tracer):
     t, _ = tracer
     flow = openai_flow(X_R4U_Session="s1", X_R4U_Feature="search")
     t.requestheaders(flow)
-    assert t.open[flow.id].properties == {"session": "s1", "feature": "search"}
+    assert t.link.open[flow.id].properties == {"session": "s1", "feature": "search"}
     assert not any(k.lower().startswith("x-r4u-") for k in flow.request.headers)
     skipped = openai_flow(X_R4U_Skip="1")
     t.requestheaders(skipped)
-    assert skipped.id not in t.open and "x-r4u-skip" not in skipped.request.headers
+    assert skipped.id not in t.link.open and "x-r4u-skip" not in skipped.request.headers
 
 
 def test_event_streams_get_the_tap_and_json_is_left_buffered(tracer):
@@ -62,7 +62,7 @@ def test_one_record_per_exchange_whatever_ends_it(tracer):
         assert flow.response.stream(piece) == piece
     t.response(flow)
     t.error(flow)  # a late error for the same flow adds nothing
-    (record,) = t.delivery.records
+    (record,) = t.link.writer.records
     assert record["metadata"]["stream_complete"] is True and record["metadata"]["events"] == 2
     assert flow.response.raw_content.endswith(b"data: [DONE]\n\n")  # visible in mitmweb and -w files
 
@@ -71,9 +71,10 @@ def test_open_flows_are_recorded_at_shutdown(tracer):
     t, tctx = tracer
     flow = openai_flow()
     t.requestheaders(flow)
-    delivery = t.delivery
+    writer = t.link.writer
+    tctx.master.should_exit.set()  # done() at shutdown, not at a script reload
     t.done()
-    (record,) = delivery.records
+    (record,) = writer.records
     assert record["error"] == "proxy stopped before the exchange finished"
     assert record["status_code"] == 0
 
@@ -88,7 +89,7 @@ def test_a_fault_inside_the_addon_never_reaches_the_flow(tracer, monkeypatch):
     monkeypatch.setattr(t, "rules", BrokenRules())
     flow = openai_flow(X_R4U_Session="s1")
     assert t.requestheaders(flow) is None
-    assert t.internal_errors == 1 and "x-r4u-session" in flow.request.headers  # untouched
+    assert t.link.internal_errors == 1 and "x-r4u-session" in flow.request.headers  # untouched
     assert "internal_errors=1" in t.status()
 
 
@@ -99,7 +100,7 @@ def test_a_fault_while_building_the_record_is_contained(tracer, monkeypatch):
     t.requestheaders(flow)
     flow.response = tutils.tresp()
     t.response(flow)
-    assert t.internal_errors == 1 and t.delivery.records == []
+    assert t.link.internal_errors == 1 and t.link.writer.records == []
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -124,13 +125,14 @@ def test_the_flow_comment_follows_the_trace_delivery(tracer):
         t.response(flow)
     ids = [flow.metadata["r4u.trace_id"] for flow in flows]
     assert flows[0].comment == f"r4u {ids[0][:8]} · pending"
-    t._delivery_outcome(ids[0], "waiting for R4U")
+    t._delivery_outcome({"trace": ids[0], "outcome": "waiting for R4U", "wire": None})
     assert flows[0].comment == f"r4u {ids[0][:8]} · waiting for R4U"
-    t._delivery_outcome(ids[0], "delivered")
-    t._delivery_outcome(ids[1], "dead-lettered")
+    t._delivery_outcome({"trace": ids[0], "outcome": "delivered", "wire": {"events": 3, "ttft_ms": 1.5}})
+    t._delivery_outcome({"trace": ids[1], "outcome": "dead-lettered", "wire": None})
+    assert flows[0].metadata["r4u.wire"]["events"] == 3 and flows[0].metadata["r4u.wire"]["ttft_ms"] == 1.5
     assert flows[0].comment.endswith("· delivered") and not flows[0].marked
     assert flows[1].comment.endswith("· dead-lettered") and flows[1].marked
-    t._delivery_outcome("unknown-trace", "delivered")  # a flow long gone: nothing to do
+    t._delivery_outcome({"trace": "unknown-trace", "outcome": "delivered"})  # a flow long gone: nothing to do
 
 
 def test_plain_mitmdump_does_not_copy_streamed_bodies_back(tmp_path):
@@ -139,17 +141,16 @@ def test_plain_mitmdump_does_not_copy_streamed_bodies_back(tmp_path):
     from mitmproxy.test import taddons
 
     from r4u_mitm.addon import R4UTracer
-    from tests.conftest import Submitted
+    from tests.conftest import Spooled
 
     t = R4UTracer()
     with taddons.context(t) as tctx:
         tctx.configure(t, r4u_outbox=str(tmp_path / "outbox.sqlite"), r4u_api_url="http://127.0.0.1:9")
-        t.delivery.stop(None)
-        t.delivery = Submitted()
+        t.link.writer = Spooled()
         flow = sse_response(openai_flow())
         t.requestheaders(flow)
         t.responseheaders(flow)
         flow.response.stream(b"data: [DONE]\n\n")
         t.response(flow)
         assert flow.response.raw_content is None
-        assert t.delivery.records[0]["response"] == "data: [DONE]\n\n"
+        assert t.link.writer.records[0]["response"] == "data: [DONE]\n\n"

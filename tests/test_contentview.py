@@ -347,9 +347,12 @@ def test_traced_flows_get_a_trace_comment_and_wire_timing_for_the_view(tracer):
     assert flow.comment == f"r4u {trace_id[:8]} · pending"
     assert not flow.marked
     wire = flow.metadata["r4u.wire"]
-    (record,) = t.delivery.records
+    assert wire["provider"] == "openai" and wire["events"] is None  # until the deliverer says
+    (record,) = t.link.writer.records
+    (message,) = t.link.writer.messages
+    t._delivery_outcome(message)
     meta = record["metadata"]
-    # filled from the record, built once on the store thread
+    # filled from the record, built once by the deliverer, sent back with the outcome
     assert wire["provider"] == "openai" and wire["response_bytes"] == len(raw)
     for key in ("ttfb_ms", "ttft_ms", "duration_ms", "stream_complete"):
         assert wire[key] == meta[key] and wire[key] is not None
@@ -373,7 +376,7 @@ def test_streams_ended_by_an_error_still_show_what_arrived(tracer, cut, complete
     status = text.split("\n")[2]
     assert status.startswith("complete ·") if complete else status.startswith("INCOMPLETE")
     assert "Bonjour! Paris is lovely" in result_section(text)
-    error = t.delivery.records[0]["error"]
+    error = t.link.writer.records[0]["error"]
     assert error is None if complete else error.startswith("client aborted after")
 
 
@@ -384,8 +387,9 @@ def test_flows_with_a_truncated_trace_are_marked(tracer):
     flow = streamed(t, raw)
     assert flow.marked == ":warning:"
     assert flow.comment.startswith("r4u ") and flow.comment.endswith("· trace truncated")
+    t._delivery_outcome(t.link.writer.messages[0])
     assert flow.metadata["r4u.wire"]["truncated"] is True
-    assert t.delivery.records[0]["metadata"]["truncated"] is True
+    assert t.link.writer.records[0]["metadata"]["truncated"] is True
     from mitmproxy import flowfilter
     assert flowfilter.match("~marked", flow) and flowfilter.match("~comment truncated", flow)
 
@@ -413,4 +417,4 @@ def test_a_fault_while_annotating_never_loses_the_trace(tracer):
     flow.metadata = Boom(flow.metadata)
     flow.response = tutils.tresp(headers=((b"content-type", b"application/json"),), content=b"{}")
     t.response(flow)
-    assert t.internal_errors == 1 and len(t.delivery.records) == 1
+    assert t.link.internal_errors == 1 and len(t.link.writer.records) == 1

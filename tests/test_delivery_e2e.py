@@ -11,7 +11,7 @@ import time
 import openai
 import pytest
 
-from r4u_mitm.outbox import read_stats
+from r4u_mitm.spool import read_stats
 from tests.conftest import SECRET, headers
 from tests.harness import Mitmdump, free_port
 

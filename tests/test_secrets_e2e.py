@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from r4u_mitm.outbox import read_stats
+from r4u_mitm.spool import read_stats
 from tests.conftest import SECRET, assert_no_secret, traces_for
 from tests.harness import Mitmdump
 

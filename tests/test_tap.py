@@ -1,4 +1,4 @@
-from r4u_mitm.tap import Tap
+from r4u_mitm.tap import Budget, Tap
 
 
 def test_passes_every_piece_unchanged_and_keeps_it_with_its_time():
@@ -30,3 +30,15 @@ def test_a_failing_clock_never_breaks_the_pass_through():
     assert tap(b"data: a\n\n") == b"data: a\n\n"
     assert tap(b"") == b""
     assert tap.pieces == tap.times == []  # pieces and times stay paired
+
+
+def test_open_taps_share_one_memory_budget_released_by_the_writer():
+    budget = Budget(limit=10)
+    first, second = Tap(limit=100, budget=budget), Tap(limit=100, budget=budget)
+    assert first(b"x" * 8) == b"x" * 8
+    assert second(b"y" * 8) == b"y" * 8  # kept: the budget was not used up yet
+    assert second(b"z" * 4) == b"z" * 4  # beyond it: passed on, not kept
+    assert second.pieces == [b"y" * 8] and second.truncated and not first.truncated
+    assert budget.used == 16
+    budget.released += 16  # the spool writer stored both exchanges
+    assert first(b"w" * 4) == b"w" * 4 and first.pieces[-1] == b"w" * 4

@@ -1,17 +1,20 @@
-"""The outbox: a durable, bounded queue of R4U records in one SQLite file (WAL), plus the
-dead-letter table and the delivery counters. Knows nothing of HTTP or mitmproxy flows.
+"""The spool: raw exchanges waiting for the deliverer, in one SQLite file (WAL), plus the
+dead-letter table, the trace ids already accepted, the delivery counters and the deliverer's
+own state. Knows nothing of HTTP or mitmproxy flows.
 
-A record goes in once, serialized once (compact UTF-8 JSON), and leaves only when R4U has it
-(`settle(delivered=...)`), when R4U refuses it for good (dead letter), or when the outbox is full
-and it is the oldest (counted in `dropped`, and `put` says how many, so the caller logs it).
-Rows survive a crash or `kill -9` (WAL, synchronous=NORMAL: only a power loss may lose the last
-few commits). The file and its -wal/-shm companions are private to the user (mode 0600): they
-hold prompts and answers.
+The proxy appends each finished exchange as it was on the wire (`pack`: a small JSON head, the
+bodies and the piece times as BLOBs; no decoding, no parsing); the deliverer claims due rows,
+builds the records (`unpack` then `record.build_record`) and settles them: delivered rows are
+deleted, refused ones move to the dead-letter table as they are (raw: a later version can rebuild
+them), the rest are tried again later. A trace id is accepted once (`seen`): a proxy and a
+backfill of its flows never post one record twice. Bounded: beyond `max_records` rows or
+`max_bytes`, the oldest are dropped, counted and reported to the caller (who logs it).
 
-Every method takes one lock: the delivery calls them from its store thread and, at shutdown,
-from a drain thread. Claims are kept in memory: a claimed row is not handed out again until it
-is settled or released; a new process starts with no claims, so whatever an earlier run left
-(even one killed mid-post) is delivered again.
+Rows survive a crash or `kill -9` of either process (WAL, synchronous=NORMAL: only a power loss
+may lose the last few commits). The file and its -wal/-shm companions are private to the user
+(mode 0600): they hold prompts and answers. Claims are kept in memory by the one deliverer that
+holds the spool's lock: a new deliverer starts with none, so whatever an earlier one left (even
+one killed mid-post) is delivered again.
 """
 
 from __future__ import annotations
@@ -21,54 +24,73 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
-__all__ = ["Outbox", "OutboxClosed", "OutboxError", "read_stats", "DEFAULT_MAX_RECORDS", "DEFAULT_MAX_BYTES"]
+from r4u_mitm.record import Exchange
+
+__all__ = ["Spool", "SpoolClosed", "SpoolError", "Packed", "pack", "unpack", "read_stats",
+           "DEFAULT_MAX_RECORDS", "DEFAULT_MAX_BYTES"]
 
 # Sized for a day of heavy use on a laptop: ~100k exchanges, ~10 KB each on average, with
 # room for some large streams, before anything is dropped.
 DEFAULT_MAX_RECORDS = 100_000
 DEFAULT_MAX_BYTES = 1024 * 1024 * 1024  # 1 GiB
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 REASON_MAX = 200
 ERROR_MAX = 200
+SEEN_MAX = 100_000  # trace ids remembered (the most recent)
 COUNTERS = ("delivered", "retried", "dead_lettered", "dropped")
 # Running totals kept by triggers, so bounds and stats are O(1) and exact for every connection.
-TOTALS = ("pending", "pending_bytes", "dead_letter", "dead_letter_bytes")
-# Give the freed pages back to the file system when the outbox empties and this much is free.
+TOTALS = ("pending", "pending_bytes", "dead_letter", "dead_letter_bytes", "seen")
+# Give the freed pages back to the file system when the spool empties and this much is free.
 VACUUM_FREE_BYTES = 64 * 1024 * 1024
+RAW = "head, request_body, response_body, piece_ends, piece_times"
+RECORD_HEAD = b'{"record":true}'  # a finished record (from a version 1 outbox): posted as it is
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS pending (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    trace_id     TEXT    NOT NULL,
-    created      REAL    NOT NULL,
-    next_attempt REAL    NOT NULL,
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    size         INTEGER NOT NULL,
-    last_error   TEXT,
-    body         BLOB    NOT NULL
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS exchanges (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    trace_id      TEXT    NOT NULL,
+    created       REAL    NOT NULL,
+    next_attempt  REAL    NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    last_error    TEXT,
+    size          INTEGER NOT NULL,
+    head          BLOB    NOT NULL,
+    request_body  BLOB    NOT NULL,
+    response_body BLOB    NOT NULL,
+    piece_ends    BLOB    NOT NULL,
+    piece_times   BLOB    NOT NULL
 );
-CREATE INDEX IF NOT EXISTS pending_due ON pending (next_attempt, id);
+CREATE INDEX IF NOT EXISTS exchanges_due ON exchanges (next_attempt, id);
 CREATE TABLE IF NOT EXISTS dead_letter (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
-    trace_id  TEXT    NOT NULL,
-    created   REAL    NOT NULL,
-    failed_at REAL    NOT NULL,
-    status    INTEGER,
-    reason    TEXT,
-    attempts  INTEGER NOT NULL,
-    size      INTEGER NOT NULL,
-    body      BLOB    NOT NULL
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    trace_id      TEXT    NOT NULL,
+    created       REAL    NOT NULL,
+    failed_at     REAL    NOT NULL,
+    status        INTEGER,
+    reason        TEXT,
+    attempts      INTEGER NOT NULL,
+    size          INTEGER NOT NULL,
+    head          BLOB    NOT NULL,
+    request_body  BLOB    NOT NULL,
+    response_body BLOB    NOT NULL,
+    piece_ends    BLOB    NOT NULL,
+    piece_times   BLOB    NOT NULL
 );
+CREATE TABLE IF NOT EXISTS seen (trace_id TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_at ON seen (at);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TRIGGER IF NOT EXISTS pending_added AFTER INSERT ON pending BEGIN
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS exchange_added AFTER INSERT ON exchanges BEGIN
     UPDATE counters SET value = value + 1 WHERE name = 'pending';
     UPDATE counters SET value = value + NEW.size WHERE name = 'pending_bytes';
 END;
-CREATE TRIGGER IF NOT EXISTS pending_removed AFTER DELETE ON pending BEGIN
+CREATE TRIGGER IF NOT EXISTS exchange_removed AFTER DELETE ON exchanges BEGIN
     UPDATE counters SET value = value - 1 WHERE name = 'pending';
     UPDATE counters SET value = value - OLD.size WHERE name = 'pending_bytes';
 END;
@@ -80,34 +102,117 @@ CREATE TRIGGER IF NOT EXISTS dead_letter_removed AFTER DELETE ON dead_letter BEG
     UPDATE counters SET value = value - 1 WHERE name = 'dead_letter';
     UPDATE counters SET value = value - OLD.size WHERE name = 'dead_letter_bytes';
 END;
+CREATE TRIGGER IF NOT EXISTS seen_added AFTER INSERT ON seen BEGIN
+    UPDATE counters SET value = value + 1 WHERE name = 'seen';
+END;
+CREATE TRIGGER IF NOT EXISTS seen_removed AFTER DELETE ON seen BEGIN
+    UPDATE counters SET value = value - 1 WHERE name = 'seen';
+END;
+"""
+
+# A version 1 file (the outbox of records): its pending records and dead letters are kept as
+# finished records, posted as they are.
+_FROM_V1 = f"""
+DROP TRIGGER IF EXISTS pending_added;
+DROP TRIGGER IF EXISTS pending_removed;
+DROP TRIGGER IF EXISTS dead_letter_added;
+DROP TRIGGER IF EXISTS dead_letter_removed;
+ALTER TABLE dead_letter RENAME TO dead_letter_v1;
+{_SCHEMA}
+INSERT INTO exchanges (trace_id, created, next_attempt, attempts, last_error, size, {RAW})
+    SELECT trace_id, created, next_attempt, attempts, last_error, size, X'{RECORD_HEAD.hex()}', X'', body, X'', X''
+    FROM pending ORDER BY id;
+INSERT INTO dead_letter (trace_id, created, failed_at, status, reason, attempts, size, {RAW})
+    SELECT trace_id, created, failed_at, status, reason, attempts, size, X'{RECORD_HEAD.hex()}', X'', body, X'', X''
+    FROM dead_letter_v1 ORDER BY id;
+DROP TABLE pending;
+DROP TABLE dead_letter_v1;
 """
 
 
-class OutboxError(RuntimeError):
-    """The outbox file cannot be opened or used (not SQLite, no permission, a newer schema...)."""
+class SpoolError(RuntimeError):
+    """The spool file cannot be opened or used (not SQLite, no permission, a newer schema, a full disk...)."""
 
 
-class OutboxClosed(RuntimeError):
-    """The outbox was closed; open a new one on the same file."""
+class SpoolClosed(RuntimeError):
+    """The spool was closed; open a new one on the same file."""
 
 
-def encode(record: dict) -> bytes:
-    """The record as it is stored and sent: compact JSON, UTF-8, serialized once."""
-    text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: escape it, the JSON stays faithful
-        return json.dumps(record, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+class Packed(NamedTuple):
+    """One exchange as the spool stores it."""
+
+    trace_id: str
+    head: bytes
+    request_body: bytes
+    response_body: bytes
+    piece_ends: bytes
+    piece_times: bytes
+
+    @property
+    def size(self) -> int:
+        return (len(self.head) + len(self.request_body) + len(self.response_body) + len(self.piece_ends)
+                + len(self.piece_times))
 
 
-class Outbox:
-    """Pending records, dead letters and counters in the SQLite file `path`.
+class Row(NamedTuple):
+    """A claimed exchange."""
 
-    Bounds: `max_records` pending records and `max_bytes` of pending bodies (defaults: 100,000
-    records and 1 GiB, a day of heavy use on a laptop). A `put` that goes beyond either drops the
-    oldest pending records (never one that is claimed, i.e. being posted) and returns how many.
-    The dead-letter table keeps the most recent `max(100, max_records // 10)` rows and at most
-    `max_bytes // 10` bytes.
+    id: int
+    trace_id: str
+    attempts: int
+    head: bytes
+    request_body: bytes
+    response_body: bytes
+    piece_ends: bytes
+    piece_times: bytes
+
+
+_BODY_FIELDS = frozenset({"pieces", "piece_times", "request_body"})
+
+
+def pack(ex: Exchange, options: dict) -> Packed:
+    """`ex` and the options its record is built with (the proxy's: max_body_bytes, redaction),
+    as the spool stores them: one join of the pieces, no decoding, no parsing."""
+    head = {name: getattr(ex, name) for name in Exchange.__slots__ if name not in _BODY_FIELDS}
+    head["options"] = options
+    ends = array("Q")
+    total = 0
+    for piece in ex.pieces:
+        total += len(piece)
+        ends.append(total)
+    times = array("d", ex.piece_times) if len(ex.piece_times) == len(ex.pieces) else array("d")
+    # ASCII JSON: header values may hold lone surrogates (mitmproxy's escapes), kept exactly
+    return Packed(ex.trace_id, json.dumps(head, ensure_ascii=True, separators=(",", ":")).encode("ascii"),
+                  bytes(ex.request_body or b""), b"".join(ex.pieces), ends.tobytes(), times.tobytes())
+
+
+def unpack(row: Row | Packed) -> tuple[Exchange | None, dict]:
+    """(exchange, build options), or (None, {}) for a finished record (posted as it is: the
+    response_body)."""
+    head = json.loads(row.head)
+    if head.get("record"):
+        return None, {}
+    options = head.pop("options", None) or {}
+    ends = array("Q")
+    ends.frombytes(row.piece_ends)
+    times = array("d")
+    times.frombytes(row.piece_times)
+    body = row.response_body
+    starts = [0, *ends[:-1]]
+    pieces = [body[a:b] for a, b in zip(starts, ends)] if len(ends) > 1 else ([body] if body else [])
+    head["request_headers"] = [tuple(pair) for pair in head["request_headers"]]
+    head["response_headers"] = [tuple(pair) for pair in head["response_headers"]]
+    ex = Exchange(**head, request_body=row.request_body or None, pieces=pieces, piece_times=list(times))
+    return ex, options
+
+
+class Spool:
+    """Raw exchanges, dead letters, seen trace ids, counters and state in the SQLite file `path`.
+
+    Bounds: `max_records` pending exchanges and `max_bytes` of them (defaults: 100,000 and 1 GiB).
+    An `append` that goes beyond either drops the oldest (never one that is claimed, i.e. being
+    posted) and says how many. The dead-letter table keeps the most recent
+    `max(100, max_records // 10)` rows and at most `max_bytes // 10` bytes.
     """
 
     def __init__(self, path: str | os.PathLike, *, max_records: int = DEFAULT_MAX_RECORDS,
@@ -125,7 +230,7 @@ class Outbox:
             _create_private(self.path)
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
         except (OSError, sqlite3.Error) as exc:
-            raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from exc
+            raise SpoolError(f"cannot open the outbox {self.path}: {exc}") from exc
         try:
             db.execute("PRAGMA busy_timeout = 10000")
             # auto_vacuum only takes on a new file, before any table: it lets the file shrink.
@@ -137,15 +242,21 @@ class Outbox:
             with _transaction(db):
                 version = db.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
-                    raise OutboxError(f"{self.path} was written by a newer r4u-mitm (schema {version})")
-                for statement in _statements(_SCHEMA):
+                    raise SpoolError(f"{self.path} was written by a newer r4u-mitm (schema {version})")
+                for statement in _statements(_FROM_V1 if version == 1 else _SCHEMA):
                     db.execute(statement)
                 db.executemany("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)",
                                [(name,) for name in COUNTERS + TOTALS])
+                if version == 1:  # the totals of the tables just filled
+                    for table, count, size in (("exchanges", "pending", "pending_bytes"),
+                                               ("dead_letter", "dead_letter", "dead_letter_bytes")):
+                        n, total = db.execute(f"SELECT count(*), coalesce(sum(size), 0) FROM {table}").fetchone()
+                        db.execute("UPDATE counters SET value = ? WHERE name = ?", (n, count))
+                        db.execute("UPDATE counters SET value = ? WHERE name = ?", (total, size))
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             db.close()
-            raise OutboxError(f"cannot use the outbox {self.path}: {exc}") from exc
+            raise SpoolError(f"cannot use the outbox {self.path}: {exc}") from exc
         except BaseException:
             db.close()
             raise
@@ -154,27 +265,41 @@ class Outbox:
 
     # Writing ------------------------------------------------------------------------------------
 
-    def put(self, trace_id: str, record: dict) -> int:
-        """Store `record` (serialized here, once) as pending and due now. Returns how many of the
-        oldest pending records were dropped to stay within the bounds (0 nearly always)."""
-        body = encode(record)
+    def append(self, items: Sequence[Packed]) -> tuple[int, int, int]:
+        """Store `items` as pending and due now, in one transaction, skipping any whose trace id
+        was accepted before. Returns (added, skipped as already seen, oldest dropped to stay
+        within the bounds)."""
         now = time.time()
+        added = skipped = 0
         with self._lock:
             db = self._conn()
-            with _transaction(db):
-                db.execute(
-                    "INSERT INTO pending (trace_id, created, next_attempt, size, body) VALUES (?, ?, ?, ?, ?)",
-                    (trace_id, now, now, len(body), body),
-                )
-                dropped = self._trim(db)
-                if dropped:
-                    _bump(db, "dropped", dropped)
-            return dropped
+            try:
+                with _transaction(db):
+                    for item in items:
+                        if not db.execute("INSERT OR IGNORE INTO seen (trace_id, at) VALUES (?, ?)",
+                                          (item.trace_id, now)).rowcount:
+                            skipped += 1
+                            continue
+                        db.execute(
+                            f"INSERT INTO exchanges (trace_id, created, next_attempt, size, {RAW}) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (item.trace_id, now, now, item.size, *item[1:]),
+                        )
+                        added += 1
+                    dropped = self._trim(db)
+                    if dropped:
+                        _bump(db, "dropped", dropped)
+                    extra = _counter(db, "seen") - SEEN_MAX
+                    if extra > 0:
+                        db.execute("DELETE FROM seen WHERE trace_id IN (SELECT trace_id FROM seen ORDER BY at LIMIT ?)",
+                                   (extra,))
+            except sqlite3.Error as exc:
+                raise SpoolError(f"cannot write to the outbox {self.path}: {exc}") from exc
+        return added, skipped, dropped
 
-    def claim(self, limit: int, now: float | None = None) -> list[tuple[int, str, bytes, int]]:
-        """Up to `limit` due records (`next_attempt <= now`), the longest-waiting first, as
-        `(rowid, trace_id, body, attempts)`. They are not handed out again until settled or
-        released."""
+    def claim(self, limit: int, now: float | None = None) -> list[Row]:
+        """Up to `limit` due exchanges (`next_attempt <= now`), the longest-waiting first. They
+        are not handed out again until settled or released."""
         now = time.time() if now is None else now
         with self._lock:
             db = self._conn()
@@ -182,15 +307,15 @@ class Outbox:
             # is slow when the event loop's thread is busy.
             (found,) = db.execute(
                 "SELECT group_concat(id) FROM "
-                "(SELECT id FROM pending WHERE next_attempt <= ? ORDER BY next_attempt, id LIMIT ?)",
+                "(SELECT id FROM exchanges WHERE next_attempt <= ? ORDER BY next_attempt, id LIMIT ?)",
                 (now, limit + len(self._claimed)),
             ).fetchone()
             ids = [rowid for rowid in map(int, found.split(",")) if rowid not in self._claimed][:limit] if found else []
             if not ids:
                 return []
             rows = {row[0]: row for row in db.execute(
-                f"SELECT id, trace_id, body, attempts FROM pending WHERE id IN ({_marks(len(ids))})", ids)}
-            out = [rows[i] for i in ids if i in rows]
+                f"SELECT id, trace_id, attempts, {RAW} FROM exchanges WHERE id IN ({_marks(len(ids))})", ids)}
+            out = [Row(*rows[i]) for i in ids if i in rows]
             self._claimed.update(row[0] for row in out)
             return out
 
@@ -214,22 +339,23 @@ class Outbox:
                 with _transaction(db):
                     if delivered:
                         for chunk in _chunks(delivered):  # one statement per chunk, not per row
-                            db.execute(f"DELETE FROM pending WHERE id IN ({_marks(len(chunk))})", chunk)
+                            db.execute(f"DELETE FROM exchanges WHERE id IN ({_marks(len(chunk))})", chunk)
                         _bump(db, "delivered", len(delivered))
                     if retry:
                         db.executemany(
-                            "UPDATE pending SET attempts = attempts + 1, next_attempt = ?, last_error = ? WHERE id = ?",
+                            "UPDATE exchanges SET attempts = attempts + 1, next_attempt = ?, last_error = ? WHERE id = ?",
                             [(at, (error or "")[:ERROR_MAX], rowid) for rowid, at, error in retry],
                         )
                         _bump(db, "retried", len(retry))
                     if dead:
                         for rowid, status, reason in dead:
                             db.execute(
-                                "INSERT INTO dead_letter (trace_id, created, failed_at, status, reason, attempts, size, body) "
-                                "SELECT trace_id, created, ?, ?, ?, attempts + 1, size, body FROM pending WHERE id = ?",
+                                "INSERT INTO dead_letter (trace_id, created, failed_at, status, reason, attempts, size, "
+                                f"{RAW}) SELECT trace_id, created, ?, ?, ?, attempts + 1, size, {RAW} FROM exchanges "
+                                "WHERE id = ?",
                                 (now, status, (reason or "")[:REASON_MAX], rowid),
                             )
-                            db.execute("DELETE FROM pending WHERE id = ?", (rowid,))
+                            db.execute("DELETE FROM exchanges WHERE id = ?", (rowid,))
                         _bump(db, "dead_lettered", len(dead))
                         self._trim_dead(db)
                 self._maybe_vacuum(db)
@@ -250,7 +376,7 @@ class Outbox:
         with self._lock:
             db = self._conn()
             with _transaction(db):
-                return db.execute("UPDATE pending SET next_attempt = created WHERE next_attempt > ?",
+                return db.execute("UPDATE exchanges SET next_attempt = created WHERE next_attempt > ?",
                                   (time.time(),)).rowcount
 
     # Reading ------------------------------------------------------------------------------------
@@ -260,7 +386,7 @@ class Outbox:
         with self._lock:
             db = self._conn()
             limit = 1 + len(self._claimed)
-            for rowid, at in db.execute("SELECT id, next_attempt FROM pending ORDER BY next_attempt, id LIMIT ?", (limit,)):
+            for rowid, at in db.execute("SELECT id, next_attempt FROM exchanges ORDER BY next_attempt, id LIMIT ?", (limit,)):
                 if rowid not in self._claimed:
                     return at
             return None
@@ -272,6 +398,21 @@ class Outbox:
             out["claimed"] = len(self._claimed)
             return out
 
+    def set_state(self, values: dict) -> None:
+        """What the deliverer says about itself (JSON values), for `r4u-mitm status` and r4u.status."""
+        with self._lock:
+            db = self._conn()
+            with _transaction(db):
+                db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
+                               [(k, json.dumps(v)) for k, v in values.items()])
+
+    def pending_of(self, trace_ids: Sequence[str]) -> int:
+        """How many of `trace_ids` are still pending (neither delivered, dead-lettered nor dropped)."""
+        with self._lock:
+            db = self._conn()
+            return sum(db.execute(f"SELECT count(*) FROM exchanges WHERE trace_id IN ({_marks(len(chunk))})",
+                                  chunk).fetchone()[0] for chunk in _chunks(list(trace_ids)))
+
     def pending_count(self) -> int:
         with self._lock:
             return _counter(self._conn(), "pending")
@@ -280,10 +421,11 @@ class Outbox:
         """The most recent dead letters (newest first), bodies included, for inspection."""
         with self._lock:
             rows = self._conn().execute(
-                "SELECT trace_id, status, reason, failed_at, attempts, body FROM dead_letter ORDER BY id DESC LIMIT ?",
+                f"SELECT trace_id, status, reason, failed_at, attempts, {RAW} FROM dead_letter ORDER BY id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
-        return [dict(zip(("trace_id", "status", "reason", "failed_at", "attempts", "body"), row)) for row in rows]
+        return [{**dict(zip(("trace_id", "status", "reason", "failed_at", "attempts"), row[:5])),
+                 "raw": Packed(row[0], *row[5:])} for row in rows]
 
     # Lifecycle ----------------------------------------------------------------------------------
 
@@ -302,7 +444,7 @@ class Outbox:
                 pass
             db.close()
 
-    def __enter__(self) -> "Outbox":
+    def __enter__(self) -> "Spool":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -312,7 +454,7 @@ class Outbox:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            raise OutboxClosed(f"the outbox {self.path} is closed")
+            raise SpoolClosed(f"the outbox {self.path} is closed")
         return self._db
 
     def _trim(self, db: sqlite3.Connection) -> int:
@@ -320,7 +462,7 @@ class Outbox:
         if count <= self.max_records and size <= self.max_bytes:
             return 0
         victims: list[int] = []
-        for rowid, row_size in db.execute("SELECT id, size FROM pending ORDER BY id"):
+        for rowid, row_size in db.execute("SELECT id, size FROM exchanges ORDER BY id"):
             if count <= self.max_records and size <= self.max_bytes:
                 break
             if rowid in self._claimed:
@@ -329,7 +471,7 @@ class Outbox:
             count -= 1
             size -= row_size
         for chunk in _chunks(victims):
-            db.execute(f"DELETE FROM pending WHERE id IN ({_marks(len(chunk))})", chunk)
+            db.execute(f"DELETE FROM exchanges WHERE id IN ({_marks(len(chunk))})", chunk)
         return len(victims)
 
     def _trim_dead(self, db: sqlite3.Connection) -> None:
@@ -416,7 +558,7 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-def _chunks(items: list[int], size: int = 500) -> list[list[int]]:
+def _chunks(items: list, size: int = 500) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
@@ -431,7 +573,7 @@ def _counter(db: sqlite3.Connection, name: str) -> int:
 
 def _stats(db: sqlite3.Connection, path: Path) -> dict:
     values = dict(db.execute("SELECT name, value FROM counters").fetchall())
-    oldest = db.execute("SELECT created, attempts, last_error FROM pending ORDER BY id LIMIT 1").fetchone()
+    oldest = db.execute("SELECT created, attempts, last_error FROM exchanges ORDER BY id LIMIT 1").fetchone()
     return {
         "outbox": str(path),
         "pending": values.get("pending", 0),
@@ -444,6 +586,7 @@ def _stats(db: sqlite3.Connection, path: Path) -> dict:
         "dead_lettered": values.get("dead_lettered", 0),
         "dead_letter_kept": values.get("dead_letter", 0),
         "dropped": values.get("dropped", 0),
+        "deliverer": {key: json.loads(value) for key, value in db.execute("SELECT key, value FROM state")},
     }
 
 

@@ -1,0 +1,577 @@
+"""`r4u-mitm deliver`: the delivery process. Spool → records → R4U.
+
+One deliverer per spool, held by an OS file lock (`<spool>.lock`); another one started on the
+same spool waits (standby) until the lock is free. It claims due exchanges, builds each record
+(`record.build_record`, with the options the proxy stored with the exchange) in a worker
+thread, posts it to `{r4u_url}/v1/http-traces` with one `httpx.AsyncClient` (direct, never
+through a proxy; TLS verified), several in flight, and settles it in the spool: deleted on 2xx,
+tried again later or dead-lettered as `policy` says. R4U unreachable: the whole deliverer backs
+off and probes until R4U answers (one warning when it goes, one line when it is back).
+
+Started by the addon with `--parent`: stdin is the proxy's lifeline (EOF: the proxy is gone,
+however it ended), stdout carries newline-delimited JSON to the proxy: `{"log": level, "msg":
+text}` and `{"trace": id, "outcome": ..., "wire": {...}}`. When the proxy is gone (or on
+SIGTERM/SIGINT when standalone) it goes on delivering for up to `--drain-seconds`, lets the posts
+in flight finish (no re-send), and exits; what is left waits for the next start.
+
+Nothing is ever logged of a record's body or of the API key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import random
+import signal
+import ssl
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from r4u_mitm import policy, record, wake
+from r4u_mitm.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_RECORDS, Row, Spool, SpoolClosed, unpack
+
+log = logging.getLogger("r4u_mitm")
+
+USER_AGENT = "r4u-mitm/0.1"
+JSON_BODY = {"Content-Type": "application/json"}
+SAFETY_POLL = 5.0        # seconds between two looks at the spool when no wake-up came
+STANDBY_POLL = 0.25      # seconds between two tries of a lock another deliverer holds
+COMMIT_GATHER = 0.02     # seconds outcomes pile up before one transaction writes them
+BATCH = 64
+
+
+def encode(rec: dict) -> bytes:
+    """The record as it is sent: compact JSON, UTF-8."""
+    text = json.dumps(rec, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: escape it, the JSON stays faithful
+        return json.dumps(rec, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def build(row: Row) -> tuple[bytes, dict | None]:
+    """(the JSON body to post, what mitmweb shows of it) for a claimed exchange."""
+    exchange, options = unpack(row)
+    if exchange is None:  # a finished record from a version 1 outbox
+        return row.response_body, None
+    rec = record.build_record(exchange, **options)
+    return encode(rec), {key: rec["metadata"].get(key) for key in record.WIRE_FIELDS}
+
+
+def ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """Verify R4U's certificate with `ca_file`, else the system's store (certifi's when the
+    system has none). Never unverified."""
+    if ca_file:
+        return ssl.create_default_context(cafile=ca_file)
+    context = ssl.create_default_context()
+    if not context.cert_store_stats().get("x509_ca"):
+        try:
+            import certifi
+
+            context.load_verify_locations(certifi.where())
+        except (ImportError, OSError):
+            pass
+    return context
+
+
+class _Signal:
+    """Wake whoever waits, without lost wake-ups: wait on the event taken *before* looking."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def fire(self) -> None:
+        event, self.event = self.event, asyncio.Event()
+        event.set()
+
+
+async def _wait(event: asyncio.Event, timeout: float | None) -> None:
+    if event.is_set():
+        return
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        pass
+
+
+class Channel:
+    """Messages to the proxy that started us (stdout); nothing once it is gone."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def send(self, message: dict) -> None:
+        if not self.enabled:
+            return
+        try:
+            sys.stdout.write(json.dumps(message, separators=(",", ":")) + "\n")
+            sys.stdout.flush()
+        except (OSError, ValueError):  # the proxy is gone (EPIPE): say nothing more
+            self.enabled = False
+
+
+class _ChannelHandler(logging.Handler):
+    def __init__(self, channel: Channel) -> None:
+        super().__init__()
+        self.channel = channel
+
+    def emit(self, rec: logging.LogRecord) -> None:
+        try:
+            self.channel.send({"log": rec.levelname.lower(), "msg": rec.getMessage()})
+        except Exception:  # noqa: BLE001 - logging must never stop delivery
+            pass
+
+
+class Worker:
+    """Delivery of one spool, once its lock is held."""
+
+    def __init__(self, spool: Spool, opts: argparse.Namespace, channel: Channel, stopping: asyncio.Event) -> None:
+        self.spool = spool
+        self.opts = opts
+        self.channel = channel
+        self.stopping = stopping
+        self.base_url, self.post_url, self.probe_url = policy.traces_urls(opts.r4u_url)
+        self.shown_url = policy.safe_url(self.base_url)
+        self.db = ThreadPoolExecutor(1, thread_name_prefix="r4u-spool")
+        self.builder = ThreadPoolExecutor(1, thread_name_prefix="r4u-build")
+        self.loop = asyncio.get_running_loop()
+        self.wake = _Signal()
+        self.kick = _Signal()
+        self.posted = asyncio.Event()
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=BATCH)
+        self.results: tuple[list, list, list] = ([], [], [])
+        self.results_ready = asyncio.Event()
+        self.in_flight = 0
+        self.pause_until = 0.0
+        self.failures = 0
+        self.probe_lock = asyncio.Lock()
+        self.deadline: float | None = None
+        self.gave_up = False
+        self.reachable: bool | None = None
+        self.last_error: str | None = None
+        self.record_errors = 0
+        self.poisoned = 0
+        self.misconfig_logged: set[int] = set()
+        self.state_dirty = True
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        if os.environ.get("R4U_API_KEY"):
+            headers["X_API_KEY"] = os.environ["R4U_API_KEY"]
+        import httpx
+
+        self.httpx = httpx
+        # Direct connections only (never through the proxy, or any proxy, by env); no redirects.
+        self.client = httpx.AsyncClient(
+            headers=headers, timeout=opts.timeout, verify=ssl_context(opts.ca_file), trust_env=False,
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=opts.in_flight, max_keepalive_connections=opts.in_flight))
+
+    async def _db(self, fn, *args):
+        return await self.loop.run_in_executor(self.db, fn, *args)
+
+    # Running --------------------------------------------------------------------------------------
+
+    async def run(self, sock) -> None:
+        self.loop.add_reader(sock.fileno(), self._datagrams, sock)
+        await self._db(self.spool.make_due)  # a new run: what waited for a later attempt is due now
+        await self._probe_at_start()
+        posters = [asyncio.create_task(self._post_loop()) for _ in range(self.opts.in_flight)]
+        committer = asyncio.create_task(self._commit_loop())
+        stop_watch = asyncio.create_task(self._watch_stop())
+        try:
+            await self._feed()
+        finally:
+            for _ in posters:
+                await self.queue.put(None)
+            await asyncio.gather(*posters, return_exceptions=True)  # posts in flight finish
+            committer.cancel()
+            stop_watch.cancel()
+            await asyncio.gather(committer, stop_watch, return_exceptions=True)
+            self.loop.remove_reader(sock.fileno())
+            await self._commit()
+            await self.client.aclose()
+            left = await self._db(self.spool.pending_count)
+            if left:
+                log.info("r4u-mitm: %d trace(s) stay in %s; they are delivered on the next start", left,
+                         self.spool.path)
+            self.state_dirty = True
+            await self._save_state(running=False)
+            self.db.shutdown()
+            self.builder.shutdown()
+
+    async def _watch_stop(self) -> None:
+        await self.stopping.wait()
+        self.wake.fire()
+        self.kick.fire()
+
+    def _datagrams(self, sock) -> None:
+        while True:
+            try:
+                message = sock.recv(16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if message == wake.FLUSH:
+                self.loop.create_task(self._flush())
+            self.wake.fire()
+
+    async def _flush(self) -> None:
+        await self._db(self.spool.make_due)
+        self.pause_until = 0.0
+        self.failures = 0
+        self.kick.fire()
+        self.wake.fire()
+
+    def _draining(self) -> bool:
+        if self.stopping.is_set() and self.deadline is None:
+            self.deadline = time.monotonic() + self.opts.drain_seconds
+        return self.deadline is not None
+
+    async def _feed(self) -> None:
+        """Claim due exchanges into the queue; wait for a wake-up or the next due time when none."""
+        while True:
+            if self._draining():
+                if time.monotonic() >= self.deadline:
+                    return
+            if not await self._gate():
+                return
+            woken = self.wake.event
+            try:
+                rows = await self._db(self.spool.claim, BATCH)
+            except SpoolClosed:
+                return
+            except Exception as exc:  # noqa: BLE001 - a broken spool must not end delivery
+                self._internal_error("claiming traces from the outbox", exc)
+                await asyncio.sleep(1.0)
+                continue
+            if rows:
+                for row in rows:
+                    await self.queue.put(row)
+                continue
+            if self._draining():
+                if self.in_flight == 0 and self.queue.empty():
+                    return
+                self.posted.clear()
+                await _wait(self.posted, 0.1)
+                continue
+            due = await self._db(self.spool.next_due)
+            timeout = SAFETY_POLL if due is None else min(SAFETY_POLL, max(0.005, due - time.time()))
+            await _wait(woken, timeout)
+
+    async def _post_loop(self) -> None:
+        while True:
+            row = await self.queue.get()
+            if row is None:
+                return
+            if not await self._gate():
+                continue  # a drain that gave up: the exchange stays in the spool
+            try:
+                await self._post(row)
+            except Exception as exc:  # noqa: BLE001 - one exchange must not stop the others
+                self._internal_error("posting a trace", exc)
+                self._add(1, (row.id, time.time() + 5.0, policy.describe(exc)))
+
+    async def _gate(self) -> bool:
+        """Wait while the deliverer backs off; probe R4U before going on when it was unreachable.
+        False: a drain gives up (R4U unreachable, or a pause beyond the deadline)."""
+        while True:
+            if self.gave_up:
+                return False
+            now = time.monotonic()
+            if now < self.pause_until:
+                if self._draining() and self.pause_until >= self.deadline:
+                    self.gave_up = True
+                    return False
+                await _wait(self.kick.event, self.pause_until - now)
+                continue
+            if self.reachable is False:
+                async with self.probe_lock:
+                    if self.reachable is False and time.monotonic() >= self.pause_until:
+                        error = await self._probe()
+                        if error is None:
+                            self._answered()
+                        elif self._draining():
+                            self.gave_up = True
+                        else:
+                            self._unreachable(error)
+                            self._pause(None)
+                continue
+            return True
+
+    def _pause(self, seconds: float | None) -> None:
+        now = time.monotonic()
+        if seconds is not None:
+            self.pause_until = max(self.pause_until, now + seconds)
+            return
+        if now < self.pause_until:
+            return  # posts that started before the pause: no escalation
+        self.failures += 1
+        self.pause_until = now + policy.backoff(self.failures, random.random(), self.opts.retry_base,
+                                                self.opts.retry_cap)
+
+    # Posting --------------------------------------------------------------------------------------
+
+    async def _probe(self) -> str | None:
+        """None when R4U answers (whatever the status), else why not."""
+        try:
+            response = await self.client.get(self.probe_url)
+        except (self.httpx.TransportError, OSError, ssl.SSLError) as exc:
+            return self._describe(exc)
+        if response.status_code in policy.NOT_THE_RECORD:
+            self._misconfigured(response.status_code, policy.rejection_reason(
+                response.status_code, response.reason_phrase, response.content))
+        return None
+
+    async def _probe_at_start(self) -> None:
+        error = await self._probe()
+        if error is None:
+            self._answered()
+        else:
+            self._unreachable(error)
+            self._pause(None)
+
+    async def _post(self, row: Row) -> None:
+        try:
+            body, wire = await self.loop.run_in_executor(self.builder, build, row)
+        except Exception as exc:  # noqa: BLE001 - kept raw in the dead-letter table: a later version can rebuild it
+            reason = f"cannot build the record: {policy.describe(exc)}"
+            self.record_errors += 1
+            self.state_dirty = True
+            n = self.record_errors
+            if n <= 10 or n % 1000 == 0:
+                log.error("r4u-mitm: error building a trace record (trace %s) (%d so far; kept raw in the "
+                          "dead-letter table of %s): %s", row.trace_id, n, self.spool.path, policy.describe(exc))
+            self._add(2, (row.id, None, reason))
+            self._tell(row.trace_id, "dead-lettered", None)
+            return
+        self.in_flight += 1
+        try:
+            response = await self.client.post(self.post_url, content=body, headers=JSON_BODY)
+        except (self.httpx.TransportError, OSError, ssl.SSLError) as exc:
+            error = self._describe(exc)
+            self._add(1, (row.id, time.time(), error))  # due again as soon as R4U answers
+            self._unreachable(error)
+            self._pause(None)
+            self._tell(row.trace_id, "waiting for R4U", wire)
+            return
+        finally:
+            self.in_flight -= 1
+            self.posted.set()
+        status = response.status_code
+        decision = policy.decide(status, row.attempts, response.headers.get("retry-after"), now=time.time(),
+                                 draw=random.random(), base=self.opts.retry_base, cap=self.opts.retry_cap)
+        self._answered()
+        if decision.action == "delivered":
+            self.failures = 0
+            self._add(0, row.id)
+            self._tell(row.trace_id, "delivered", wire)
+            return
+        reason = policy.rejection_reason(status, response.reason_phrase, response.content)
+        self.last_error = reason
+        self.state_dirty = True
+        if decision.action == "retry":
+            if decision.misconfigured:
+                self._misconfigured(status, reason)
+            self._add(1, (row.id, time.time() + decision.delay, reason))
+            self._pause(decision.pause)
+            self._tell(row.trace_id, f"retrying ({reason})", wire)
+            return
+        self._add(2, (row.id, status, reason))
+        self.poisoned += 1
+        if self.poisoned <= 10 or self.poisoned % 100 == 0:
+            log.warning("r4u-mitm: R4U refused trace %s (%s); it was moved to the dead-letter table of %s "
+                        "(%d so far this run)", row.trace_id, reason, self.spool.path, self.poisoned)
+        self._tell(row.trace_id, "dead-lettered", wire)
+
+    def _describe(self, exc: BaseException) -> str:
+        if isinstance(exc, self.httpx.TimeoutException):
+            return f"no answer within {self.opts.timeout:g}s ({type(exc).__name__})"
+        return policy.describe(exc)
+
+    def _tell(self, trace_id: str, outcome: str, wire: dict | None) -> None:
+        self.channel.send({"trace": trace_id, "outcome": outcome, "wire": wire})
+
+    # Outcomes -------------------------------------------------------------------------------------
+
+    def _add(self, kind: int, item) -> None:
+        self.results[kind].append(item)
+        self.results_ready.set()
+
+    async def _commit_loop(self) -> None:
+        """Write outcomes in batches: whatever piled up while the previous batch was written."""
+        while True:
+            await self.results_ready.wait()
+            if sum(map(len, self.results)) < BATCH and not self.stopping.is_set():
+                await asyncio.sleep(COMMIT_GATHER)  # fewer, larger transactions
+            self.results_ready.clear()
+            retried = await self._commit()
+            if retried:
+                self.wake.fire()  # exchanges to try again are claimable once settled
+
+    async def _commit(self) -> bool:
+        batch, self.results = self.results, ([], [], [])
+        if any(batch):
+            try:
+                await self._db(self.spool.settle, *batch)
+            except Exception as exc:  # noqa: BLE001 - the exchanges stay pending: sent again later
+                self._internal_error("writing delivery outcomes to the outbox", exc)
+        await self._save_state()
+        return bool(batch[1])
+
+    async def _save_state(self, running: bool = True) -> None:
+        if not self.state_dirty:
+            return
+        self.state_dirty = False
+        state = {"pid": os.getpid(), "running": running, "reachable": self.reachable,
+                 "last_error": self.last_error, "record_errors": self.record_errors, "updated_at": time.time()}
+        try:
+            await self._db(self.spool.set_state, state)
+        except Exception as exc:  # noqa: BLE001
+            self._internal_error("writing the deliverer's state", exc)
+
+    # Bookkeeping and logs -------------------------------------------------------------------------
+
+    def _internal_error(self, what: str, exc: BaseException) -> None:
+        log.error("r4u-mitm: error %s: %s", what, policy.describe(exc))
+
+    def _unreachable(self, error: str) -> None:
+        self.last_error = error
+        self.state_dirty = True
+        if self.reachable is not False:
+            self.reachable = False
+            hint = "; set r4u_ca_file to R4U's CA" if "CERTIFICATE_VERIFY_FAILED" in error else ""
+            log.warning("r4u-mitm: R4U is not answering at %s (%s%s); traces are kept in %s until it answers",
+                        self.shown_url, error, hint, self.spool.path)
+
+    def _answered(self) -> None:
+        if self.reachable is False:
+            log.info("r4u-mitm: R4U answers again at %s; delivering the traces kept in %s",
+                     self.shown_url, self.spool.path)
+        if self.reachable is not True:
+            self.reachable = True
+            self.state_dirty = True
+
+    def _misconfigured(self, status: int, reason: str) -> None:
+        if status in self.misconfig_logged:
+            return
+        self.misconfig_logged.add(status)
+        hint = "check R4U_API_KEY" if status in (401, 403, 407) else "check r4u_api_url"
+        log.warning("r4u-mitm: R4U at %s answers %s (%s); traces are kept in %s and tried again",
+                    self.shown_url, reason, hint, self.spool.path)
+
+
+# The process --------------------------------------------------------------------------------------
+
+async def _hold_lock(path: Path, stopping: asyncio.Event) -> int | None:
+    """The spool's lock (a file descriptor), waiting while another deliverer holds it; None
+    when we were told to stop before getting it."""
+    lock = Path(f"{path}.lock")
+    lock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    said = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if not said:
+                log.debug("r4u-mitm: another deliverer holds %s; standing by", lock)
+                said = True
+        if stopping.is_set():
+            os.close(fd)
+            return None
+        await _wait(stopping, STANDBY_POLL)
+
+
+async def _serve(path: Path, opts: argparse.Namespace, channel: Channel, stopping: asyncio.Event) -> None:
+    fd = await _hold_lock(path, stopping)
+    if fd is None:
+        return
+    try:
+        spool = Spool(path, max_records=opts.max_records, max_bytes=opts.max_mb * 1024 * 1024)
+        sock = wake.bind(path)
+        try:
+            await Worker(spool, opts, channel, stopping).run(sock)
+        finally:
+            sock.close()
+            spool.close()
+    finally:
+        os.close(fd)
+
+
+async def _main(opts: argparse.Namespace, channel: Channel) -> None:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    if opts.parent:
+        def lifeline() -> None:
+            try:
+                data = os.read(0, 4096)
+            except OSError:
+                data = b""
+            if not data:
+                loop.remove_reader(0)
+                stopping.set()
+
+        loop.add_reader(0, lifeline)
+    await asyncio.gather(*(_serve(Path(p).expanduser(), opts, channel, stopping) for p in opts.outbox))
+
+
+def parser() -> argparse.ArgumentParser:
+    from r4u_mitm.cli import DEFAULT_OUTBOX
+
+    p = argparse.ArgumentParser(prog="r4u-mitm deliver", description=__doc__.split("\n\n")[0])
+    p.add_argument("--outbox", action="append", default=None,
+                   help=f"a spool to deliver (repeat for several; default: $R4U_OUTBOX or {DEFAULT_OUTBOX})")
+    p.add_argument("--r4u-url", default=os.environ.get("R4U_API_URL", "http://localhost:8000"),
+                   help="R4U's base URL (default: $R4U_API_URL or %(default)s); R4U_API_KEY is sent if set")
+    p.add_argument("--ca-file", default=None, help="CA bundle for an https R4U (default: the system's)")
+    p.add_argument("--drain-seconds", type=float, default=5.0,
+                   help="on stop, how long to keep delivering (default: %(default)s)")
+    p.add_argument("--max-records", type=int, default=DEFAULT_MAX_RECORDS)
+    p.add_argument("--max-mb", type=int, default=DEFAULT_MAX_BYTES // (1024 * 1024))
+    p.add_argument("--in-flight", type=int, default=8, help="posts in flight at most (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default: %(default)s)")
+    p.add_argument("--retry-base", type=float, default=0.5, help=argparse.SUPPRESS)
+    p.add_argument("--retry-cap", type=float, default=60.0, help=argparse.SUPPRESS)
+    p.add_argument("--parent", action="store_true",
+                   help="started by a proxy: stdin EOF means it is gone; stdout carries messages to it")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from r4u_mitm.cli import DEFAULT_OUTBOX
+
+    opts = parser().parse_args(argv)
+    opts.outbox = opts.outbox or [os.environ.get("R4U_OUTBOX") or str(DEFAULT_OUTBOX)]
+    if not opts.r4u_url.startswith(("http://", "https://")):
+        print(f"r4u-mitm deliver: --r4u-url must be an http:// or https:// URL, not {opts.r4u_url!r}", file=sys.stderr)
+        return 2
+    channel = Channel(opts.parent)
+    handler = _ChannelHandler(channel) if opts.parent else logging.StreamHandler()
+    if not opts.parent:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        asyncio.run(_main(opts, channel))
+    except Exception as exc:  # noqa: BLE001 - one clear line for whoever started us
+        log.error("r4u-mitm: the deliverer stopped: %s", policy.describe(exc))
+        print(f"r4u-mitm deliver: {policy.describe(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
