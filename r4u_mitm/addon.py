@@ -247,10 +247,8 @@ class R4UTracer:
                           tap=trace.tap, note=note)
         link = self.link
         link.traced += 1
-        if link.writer is None:  # not running (yet): nothing can store it
-            raise RuntimeError("the spool writer is not running")
         opts = ctx.options
-        link.writer.append(exchange, {"max_body_bytes": opts.r4u_max_body_bytes,
+        link.append(exchange, {"max_body_bytes": opts.r4u_max_body_bytes,
                                       "redact": list(opts.r4u_redact_headers)},
                            trace.tap.kept_bytes if trace.tap is not None else 0)
 

@@ -182,6 +182,7 @@ class Worker:
     async def run(self, sock) -> None:
         self.loop.add_reader(sock.fileno(), self._datagrams, sock)
         await self._db(self.spool.make_due)  # a new run: what waited for a later attempt is due now
+        await self._save_state()
         await self._probe_at_start()
         posters = [asyncio.create_task(self._post_loop()) for _ in range(self.opts.in_flight)]
         committer = asyncio.create_task(self._commit_loop())
@@ -345,7 +346,7 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - kept raw in the dead-letter table: a later version can rebuild it
             reason = f"cannot build the record: {policy.describe(exc)}"
             self.record_errors += 1
-            self.state_dirty = True
+            self._dirty()
             n = self.record_errors
             if n <= 10 or n % 1000 == 0:
                 log.error("r4u-mitm: error building a trace record (trace %s) (%d so far; kept raw in the "
@@ -377,7 +378,7 @@ class Worker:
             return
         reason = policy.rejection_reason(status, response.reason_phrase, response.content)
         self.last_error = reason
-        self.state_dirty = True
+        self._dirty()
         if decision.action == "retry":
             if decision.misconfigured:
                 self._misconfigured(status, reason)
@@ -440,12 +441,17 @@ class Worker:
 
     # Bookkeeping and logs -------------------------------------------------------------------------
 
+    def _dirty(self) -> None:
+        """The state changed: the committer writes it (with the next outcomes, or alone)."""
+        self.state_dirty = True
+        self.results_ready.set()
+
     def _internal_error(self, what: str, exc: BaseException) -> None:
         log.error("r4u-mitm: error %s: %s", what, policy.describe(exc))
 
     def _unreachable(self, error: str) -> None:
         self.last_error = error
-        self.state_dirty = True
+        self._dirty()
         if self.reachable is not False:
             self.reachable = False
             hint = "; set r4u_ca_file to R4U's CA" if "CERTIFICATE_VERIFY_FAILED" in error else ""
@@ -458,7 +464,7 @@ class Worker:
                      self.shown_url, self.spool.path)
         if self.reachable is not True:
             self.reachable = True
-            self.state_dirty = True
+            self._dirty()
 
     def _misconfigured(self, status: int, reason: str) -> None:
         if status in self.misconfig_logged:

@@ -247,6 +247,20 @@ class Link:
         if self.deliverer is None:
             self.deliverer = Deliverer(self.path, deliverer_args, self._message)
 
+    def append(self, exchange: Exchange, options: dict, kept: int = 0) -> None:
+        """Hand `exchange` to the writer thread; after `stop` (a hook firing late at shutdown),
+        store it here and now instead, so that nothing is lost."""
+        writer = self.writer
+        if writer is not None:
+            writer.append(exchange, options, kept)
+            return
+        try:
+            with Spool(self.path) as spool:
+                spool.append([pack(exchange, options)])
+        finally:
+            self.budget.released += kept
+        self._waker.send()
+
     def flush(self) -> None:
         self._waker.send(wake.FLUSH)
 
