@@ -261,6 +261,11 @@ def redact_headers(pairs: Iterable[tuple[str, str]], extra: frozenset[str] = fro
     return out
 
 
+def redact_pairs(pairs: Iterable[tuple[str, str]], extra: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """Header pairs with secret values replaced, names and order kept (what the spool stores)."""
+    return [(name, REDACTED if is_secret_header(name, extra) else value) for name, value in pairs]
+
+
 def is_secret_header(name: str, extra: frozenset[str] = frozenset()) -> bool:
     key = name.lower()
     return (

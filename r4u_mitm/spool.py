@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from r4u_mitm.record import Exchange
+from r4u_mitm.record import Exchange, redact_pairs, redact_url
 
 __all__ = ["Spool", "SpoolClosed", "SpoolError", "Packed", "pack", "unpack", "read_stats",
            "DEFAULT_MAX_RECORDS", "DEFAULT_MAX_BYTES"]
@@ -172,9 +172,13 @@ _BODY_FIELDS = frozenset({"pieces", "piece_times", "request_body"})
 
 def pack(ex: Exchange, options: dict) -> Packed:
     """`ex` and the options its record is built with (the proxy's: max_body_bytes, redaction),
-    as the spool stores them: one join of the pieces, no decoding, no parsing."""
+    as the spool stores them: one join of the pieces, no decoding, no parsing. Secret headers
+    and URL query parameters are redacted before anything reaches the disk."""
     head = {name: getattr(ex, name) for name in Exchange.__slots__ if name not in _BODY_FIELDS}
-    head["options"] = options
+    # no secret on disk: headers and URL redacted here, as in the record (cheap: no body is read)
+    extra = frozenset(name.lower() for name in options.get("redact", ()))
+    head.update(url=redact_url(ex.url), request_headers=redact_pairs(ex.request_headers, extra),
+                response_headers=redact_pairs(ex.response_headers, extra), options=options)
     ends = array("Q")
     total = 0
     for piece in ex.pieces:
