@@ -206,7 +206,7 @@ def unpack(row: Row | Packed) -> tuple[Exchange | None, dict]:
     pieces = [body[a:b] for a, b in zip(starts, ends)] if len(ends) > 1 else ([body] if body else [])
     head["request_headers"] = [tuple(pair) for pair in head["request_headers"]]
     head["response_headers"] = [tuple(pair) for pair in head["response_headers"]]
-    ex = Exchange(**head, request_body=row.request_body or None, pieces=pieces, piece_times=list(times))
+    ex = Exchange(**head, request_body=row.request_body, pieces=pieces, piece_times=list(times))
     return ex, options
 
 

@@ -1,4 +1,5 @@
-"""The outbox: durable, bounded, private; claims, outcomes, counters, stats without a proxy."""
+"""The spool: raw exchanges, durable, bounded, private; claims, outcomes, dedupe by trace id,
+counters and the deliverer's state, stats without a proxy; a version 1 outbox is taken over."""
 
 import json
 import os
@@ -10,21 +11,32 @@ import time
 
 import pytest
 
-from r4u_mitm.outbox import Outbox, OutboxClosed, OutboxError, encode, read_stats
+from r4u_mitm.deliver import build
+from r4u_mitm.record import Exchange, build_record
+from r4u_mitm.spool import Spool, SpoolClosed, SpoolError, pack, read_stats, unpack
+
+OPTIONS = {"max_body_bytes": 1 << 20, "redact": []}
 
 
-def record(i: int, size: int = 0, **extra) -> dict:
-    return {"started_at": "2025-01-01T00:00:00+00:00", "completed_at": "2025-01-01T00:00:01+00:00",
-            "status_code": 200, "request": "q" * size, "request_headers": {}, "response": f"réponse {i} ✓",
-            "response_headers": {}, "metadata": {"trace_id": f"t{i}"}, **extra}
+def exchange(trace_id: str, size: int = 0, **extra) -> Exchange:
+    return Exchange(trace_id=trace_id, provider="openai", url="https://api.openai.com/v1/chat/completions",
+                    method="POST", path="/v1/chat/completions", request_headers=[("content-type", "application/json")],
+                    request_body=b"q" * size, started_wall=1_700_000_000.0, started=10.0, ended=11.0,
+                    status_code=200, response_headers=[("content-type", "application/json")],
+                    pieces=[f'{{"answer": "réponse {trace_id} ✓"}}'.encode()], **extra)
 
 
-def put(box: Outbox, *ids: int, size: int = 0) -> int:
-    return sum(box.put(f"t{i}", record(i, size)) for i in ids)
+def put(box: Spool, *ids: int, size: int = 0) -> int:
+    """Append t<i> for each i, one transaction each; how many of the oldest were dropped."""
+    return sum(box.append([pack(exchange(f"t{i}", size), OPTIONS)])[2] for i in ids)
+
+
+def put1(box: Spool, trace_id: str, size: int = 0) -> int:
+    return box.append([pack(exchange(trace_id, size), OPTIONS)])[2]
 
 
 def trace_ids(rows) -> list[str]:
-    return [row[1] for row in rows]
+    return [row.trace_id for row in rows]
 
 
 @pytest.fixture
@@ -32,55 +44,106 @@ def path(tmp_path):
     return tmp_path / "deep" / "er" / "outbox.sqlite"
 
 
-def test_put_stores_compact_utf8_json_once_and_claim_returns_it(path):
-    with Outbox(path) as box:
-        assert box.put("t1", record(1)) == 0
-        ((rowid, trace_id, body, attempts),) = box.claim(10)
-    assert trace_id == "t1" and attempts == 0 and isinstance(body, bytes)
-    assert body == json.dumps(record(1), separators=(",", ":"), ensure_ascii=False).encode()
-    assert "réponse 1 ✓".encode() in body and b", " not in body and b'": ' not in body
-    assert json.loads(body) == record(1)
+def test_an_exchange_comes_back_as_it_went_in_and_builds_the_same_record(path):
+    ex = Exchange(trace_id="t1", provider="openai", url="https://api.openai.com/v1/chat/completions?x=1",
+                  method="POST", path="/v1/chat/completions",
+                  request_headers=[("content-type", "application/json"), ("x-odd", "caf\udce9")],
+                  request_body=b'{"stream": true}', started_wall=1_700_000_000.5, started=10.0, ended=12.5,
+                  status_code=200, response_headers=[("content-type", "text/event-stream")], headers_at=10.2,
+                  stream=True, pieces=[b'data: {"choices":[]}\n', b"\n", b"data: [DONE]\n\n"],
+                  piece_times=[10.3, 10.4, 12.4], wire_bytes=40, truncated=False, transport_error="Client disconnected.",
+                  properties={"session": "s1"}, note=None)
+    with Spool(path) as box:
+        assert box.append([pack(ex, OPTIONS)]) == (1, 0, 0)
+        (row,) = box.claim(10)
+    back, options = unpack(row)
+    assert back == ex and options == OPTIONS
+    assert build_record(back, **options) == build_record(ex, **OPTIONS)
+    body, wire = build(row)
+    assert json.loads(body) == build_record(ex, **OPTIONS) and wire["events"] == 2
+    assert row.response_body == b"".join(ex.pieces)  # one contiguous body, pieces by offsets
 
 
-def test_encode_keeps_lone_surrogates_as_valid_json():
-    body = encode({"response": "bad \udc80 text"})
-    assert json.loads(body) == {"response": "bad \udc80 text"}
+def test_no_secret_header_or_query_parameter_is_stored(path):
+    ex = exchange("t1")
+    ex.url = "https://x.openai.azure.com/openai/deployments/d/chat/completions?api-version=1&api-key=SECRET1"
+    ex.request_headers = [("authorization", "Bearer SECRET2"), ("x-mine", "SECRET3"), ("accept", "*/*")]
+    ex.response_headers = [("set-cookie", "s=SECRET4")]
+    with Spool(path) as box:
+        box.append([pack(ex, {**OPTIONS, "redact": ["X-Mine"]})])
+    data = b"".join(p.read_bytes() for p in path.parent.iterdir())
+    assert b"SECRET" not in data and b"*/*" in data
+
+
+def test_a_trace_id_is_accepted_once(path):
+    with Spool(path) as box:
+        assert box.append([pack(exchange("t1"), OPTIONS), pack(exchange("t2"), OPTIONS)]) == (2, 0, 0)
+        box.settle(delivered=[box.claim(1)[0].id])
+        assert box.append([pack(exchange("t1"), OPTIONS), pack(exchange("t3"), OPTIONS)]) == (1, 1, 0)
+        assert trace_ids(box.claim(10)) == ["t2", "t3"]
+        assert box.pending_of(["t1", "t2", "t3", "t9"]) == 2
+
+
+def test_a_version_1_outbox_is_taken_over_with_its_records(tmp_path):
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE pending (id INTEGER PRIMARY KEY AUTOINCREMENT, trace_id TEXT NOT NULL, created REAL NOT NULL,
+            next_attempt REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, size INTEGER NOT NULL, last_error TEXT,
+            body BLOB NOT NULL);
+        CREATE TABLE dead_letter (id INTEGER PRIMARY KEY AUTOINCREMENT, trace_id TEXT NOT NULL, created REAL NOT NULL,
+            failed_at REAL NOT NULL, status INTEGER, reason TEXT, attempts INTEGER NOT NULL, size INTEGER NOT NULL,
+            body BLOB NOT NULL);
+        CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+        INSERT INTO counters VALUES ('delivered', 7);
+        INSERT INTO pending (trace_id, created, next_attempt, size, body) VALUES ('old1', 1, 1, 13, CAST('{"record": 1}' AS BLOB));
+        INSERT INTO dead_letter (trace_id, created, failed_at, status, reason, attempts, size, body)
+            VALUES ('old2', 1, 2, 422, 'bad', 1, 13, CAST('{"record": 2}' AS BLOB));
+        PRAGMA user_version = 1;
+    """)
+    db.close()
+    with Spool(path) as box:
+        stats = box.stats()
+        assert (stats["pending"], stats["pending_bytes"], stats["delivered"], stats["dead_letter_kept"]) == (1, 13, 7, 1)
+        (row,) = box.claim(10)
+        assert row.trace_id == "old1" and build(row) == (b'{"record": 1}', None)  # posted as it is
+        assert box.dead_letters()[0]["raw"].response_body == b'{"record": 2}'
 
 
 def test_claims_oldest_first_and_never_twice_until_settled_or_released(path):
-    with Outbox(path) as box:
+    with Spool(path) as box:
         put(box, *range(1, 6))
         first = box.claim(2)
         assert trace_ids(first) == ["t1", "t2"]
         assert trace_ids(box.claim(10)) == ["t3", "t4", "t5"]
         assert box.claim(10) == []
-        box.release([first[0][0]])
+        box.release([first[0].id])
         assert trace_ids(box.claim(10)) == ["t1"]
         box.release()
         assert len(box.claim(10)) == 5
 
 
 def test_delivered_records_are_deleted_and_counted(path):
-    with Outbox(path) as box:
+    with Spool(path) as box:
         put(box, 1, 2, 3)
         rows = box.claim(10)
-        box.settle(delivered=[rows[0][0], rows[2][0]])
+        box.settle(delivered=[rows[0].id, rows[2].id])
         stats = box.stats()
         assert stats["pending"] == 1 and stats["delivered"] == 2 and stats["claimed"] == 1
-        box.settle(delivered=[rows[1][0]])
+        box.settle(delivered=[rows[1].id])
         assert box.stats()["pending"] == 0 and box.stats()["pending_bytes"] == 0
 
 
 def test_retry_waits_until_due_and_counts_attempts(path):
-    with Outbox(path) as box:
+    with Spool(path) as box:
         put(box, 1, 2)
         (a, b) = box.claim(10)
         later = time.time() + 3600
-        box.settle(retry=[(a[0], later, "HTTP 503: busy")], delivered=[b[0]])
+        box.settle(retry=[(a.id, later, "HTTP 503: busy")], delivered=[b.id])
         assert box.claim(10) == []                               # not due yet
         assert box.next_due() == pytest.approx(later)
         (again,) = box.claim(10, now=later + 1)
-        assert again[1] == "t1" and again[3] == 1
+        assert again.trace_id == "t1" and again.attempts == 1
         box.release()
         stats = box.stats()
         assert stats["retried"] == 1 and stats["oldest_attempts"] == 1 and stats["oldest_last_error"] == "HTTP 503: busy"
@@ -89,51 +152,51 @@ def test_retry_waits_until_due_and_counts_attempts(path):
 
 
 def test_dead_letter_moves_the_record_with_status_and_a_short_reason(path):
-    with Outbox(path) as box:
+    with Spool(path) as box:
         put(box, 1, 2)
         (a, b) = box.claim(10)
-        box.settle(dead=[(a[0], 422, "body.started_at: Input should have timezone info " + "x" * 500)])
+        box.settle(dead=[(a.id, 422, "body.started_at: Input should have timezone info " + "x" * 500)])
         stats = box.stats()
         assert stats["pending"] == 1 and stats["dead_lettered"] == 1 and stats["dead_letter_kept"] == 1
         (dead,) = box.dead_letters()
         assert dead["trace_id"] == "t1" and dead["status"] == 422 and dead["attempts"] == 1
         assert dead["reason"].startswith("body.started_at: Input should") and len(dead["reason"]) <= 200
-        assert json.loads(dead["body"]) == record(1)
+        assert unpack(dead["raw"])[0] == exchange("t1")  # the raw exchange: it can be rebuilt
         assert trace_ids(box.claim(10)) == []  # t2 is still claimed
         box.release()
         assert trace_ids(box.claim(10)) == ["t2"]
 
 
 def test_full_by_count_drops_the_oldest_and_says_how_many(path):
-    with Outbox(path, max_records=3, max_bytes=10**9) as box:
+    with Spool(path, max_records=3, max_bytes=10**9) as box:
         assert put(box, 1, 2, 3) == 0
-        assert box.put("t4", record(4)) == 1
-        assert box.put("t5", record(5)) == 1
+        assert put1(box, "t4") == 1
+        assert put1(box, "t5") == 1
         assert trace_ids(box.claim(10)) == ["t3", "t4", "t5"]
         assert box.stats()["dropped"] == 2 and box.stats()["pending"] == 3
 
 
 def test_full_by_bytes_drops_as_many_oldest_as_needed(path):
-    size = len(encode(record(1, 1000)))
-    with Outbox(path, max_records=1000, max_bytes=size * 4) as box:
+    size = pack(exchange("t1", 1000), OPTIONS).size
+    with Spool(path, max_records=1000, max_bytes=size * 4) as box:
         assert put(box, 1, 2, 3, 4, size=1000) == 0
-        assert box.put("big", record(5, 2500)) == 3  # needs the room of three small ones
+        assert put1(box, "big", 2 * size) == 3  # needs the room of three small ones
         assert trace_ids(box.claim(10)) == ["t4", "big"]
         assert box.stats()["pending_bytes"] <= size * 4
         assert box.stats()["dropped"] == 3
 
 
 def test_a_record_bigger_than_the_whole_outbox_is_dropped_itself(path):
-    with Outbox(path, max_records=10, max_bytes=500) as box:
-        assert box.put("huge", record(1, 10_000)) == 1
+    with Spool(path, max_records=10, max_bytes=500) as box:
+        assert put1(box, "huge", 10_000) == 1
         assert box.stats()["pending"] == 0 and box.stats()["dropped"] == 1
 
 
 def test_claimed_records_are_not_dropped(path):
-    with Outbox(path, max_records=2, max_bytes=10**9) as box:
+    with Spool(path, max_records=2, max_bytes=10**9) as box:
         put(box, 1, 2)
         in_flight = box.claim(1)
-        assert box.put("t3", record(3)) == 1
+        assert put1(box, "t3") == 1
         box.release()
         assert trace_ids(box.claim(10)) == ["t1", "t3"]
         assert trace_ids(in_flight) == ["t1"]
@@ -142,7 +205,7 @@ def test_claimed_records_are_not_dropped(path):
 def test_file_and_its_wal_and_shm_are_private(path):
     old = os.umask(0o000)  # even with a permissive umask
     try:
-        with Outbox(path) as box:
+        with Spool(path) as box:
             put(box, 1)
             for name in (path, f"{path}-wal", f"{path}-shm"):
                 assert os.path.exists(name), name
@@ -156,24 +219,24 @@ def test_an_existing_file_with_a_loose_mode_is_tightened(tmp_path):
     path = tmp_path / "outbox.sqlite"
     path.touch()
     os.chmod(path, 0o644)
-    Outbox(path).close()
+    Spool(path).close()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
 def test_wal_and_normal_sync(path):
-    with Outbox(path):
+    with Spool(path):
         db = sqlite3.connect(path)
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         db.close()
 
 
 def test_everything_survives_a_reopen(path):
-    with Outbox(path) as box:
+    with Spool(path) as box:
         put(box, 1, 2, 3, 4)
         rows = box.claim(10)
-        box.settle(delivered=[rows[0][0]], retry=[(rows[1][0], time.time() + 3600, "HTTP 500")],
-                   dead=[(rows[2][0], 400, "bad")])
-    with Outbox(path) as box:
+        box.settle(delivered=[rows[0].id], retry=[(rows[1].id, time.time() + 3600, "HTTP 500")],
+                   dead=[(rows[2].id, 400, "bad")])
+    with Spool(path) as box:
         stats = box.stats()
         assert (stats["pending"], stats["delivered"], stats["retried"], stats["dead_lettered"]) == (2, 1, 1, 1)
         assert trace_ids(box.claim(10)) == ["t4"]  # t2 waits for its retry time...
@@ -183,29 +246,29 @@ def test_everything_survives_a_reopen(path):
 
 def test_records_survive_kill_9(path):
     code = (
-        "import os, sys; from r4u_mitm.outbox import Outbox\n"
-        f"box = Outbox({str(path)!r})\n"
-        "for i in range(50): box.put(f't{i}', {'metadata': {'trace_id': f't{i}'}, 'n': i})\n"
+        "import os, sys; from r4u_mitm.spool import Spool, pack; from tests.test_spool import exchange, OPTIONS\n"
+        f"box = Spool({str(path)!r})\n"
+        "for i in range(50): box.append([pack(exchange(f't{i}'), OPTIONS)])\n"
         "os.kill(os.getpid(), 9)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == -9
-    with Outbox(path) as box:
+    with Spool(path) as box:
         assert len(box.claim(100)) == 50
 
 
 def test_closed_outbox_says_so(path):
-    box = Outbox(path)
+    box = Spool(path)
     box.close()
     box.close()  # twice is fine
-    with pytest.raises(OutboxClosed):
-        box.put("t1", record(1))
+    with pytest.raises(SpoolClosed):
+        put(box, 1)
 
 
 def test_read_stats_reads_without_creating_anything(path, tmp_path):
-    with Outbox(path) as box:
+    with Spool(path) as box:
         put(box, 1, 2)
-        box.settle(delivered=[box.claim(1)[0][0]])
+        box.settle(delivered=[box.claim(1)[0].id])
         live = read_stats(path)  # while the outbox is open (a proxy running)
         assert live["pending"] == 1 and live["delivered"] == 1
     before = sorted(os.listdir(path.parent))
@@ -220,11 +283,11 @@ def test_read_stats_reads_without_creating_anything(path, tmp_path):
 
 def test_bounds_must_be_positive(path):
     with pytest.raises(ValueError):
-        Outbox(path, max_records=0)
+        Spool(path, max_records=0)
 
 
 def test_a_file_that_is_not_an_outbox_says_so(tmp_path):
     path = tmp_path / "outbox.sqlite"
     path.write_bytes(b"this is not a database at all" * 100)
-    with pytest.raises(OutboxError, match="cannot use the outbox"):
-        Outbox(path)
+    with pytest.raises(SpoolError, match="cannot use the outbox"):
+        Spool(path)
