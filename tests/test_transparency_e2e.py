@@ -291,8 +291,10 @@ def test_an_http2_client_that_hangs_up_mid_stream_is_the_one_blamed(traced, rand
 def faulty(tmp_path_factory, upstream, r4u):
     """mitmdump with the addon and the fault injector (loaded after it). The addon logs its first
     10 internal errors, then every 1000th: the tests here make 8 in all."""
+    from tests.fakes.faults import DELIVERER_FAULTS_ENV
+
     with Mitmdump(tmp_path_factory.mktemp("faulty"), r4u_url=r4u.url, upstream_port=upstream.port,
-                  args=("-s", str(FAULTS))) as p:
+                  args=("-s", str(FAULTS)), env=DELIVERER_FAULTS_ENV) as p:
         yield p
 
 
@@ -320,8 +322,8 @@ def wait_for(predicate, timeout: float = 15, what: str = "condition"):
 
 STREAM = "synth=12;chunk=random:5"  # 15 events, cut at random
 HOOK = r"r4u-mitm: internal error in {hook} \(flow ([0-9a-f-]{{36}})\): RuntimeError\('injected fault: {fault}'\)"
-STORE = (r"r4u-mitm: error building a trace record \(trace ([0-9a-f-]{{36}})\) \(\d+ so far; this trace is lost\): "
-         r"RuntimeError: injected fault: {fault}")
+STORE = (r"r4u-mitm: error building a trace record \(trace ([0-9a-f-]{{36}})\) \(\d+ so far; kept raw in the "
+         r"dead-letter table of [^)]*\): RuntimeError: injected fault: {fault}")
 PARSE = r"r4u-mitm: internal error reading the response of trace ([0-9a-f-]{36})"
 
 # fault -> (log line pattern, which requests it hits, status counter, what R4U gets)
@@ -333,7 +335,8 @@ FAULT_CASES = {
     "tap_init": (HOOK.format(hook="responseheaders", fault="tap_init"), "stream", "internal_errors", "not_kept"),
     "freeze": (HOOK.format(hook="response", fault="freeze"), "both", "internal_errors", "nothing"),
     "submit": (HOOK.format(hook="response", fault="submit"), "both", "internal_errors", "nothing"),
-    # The store thread: the delivery logs and counts a record it could not build (record_errors).
+    # The deliverer: it logs and counts a record it could not build (record_errors), and keeps the
+    # raw exchange in the dead-letter table.
     "build_record": (STORE.format(fault="build_record"), "both", "record_errors", "nothing"),
     # Parsing: the record is kept without its summary (metadata.parse_error), logged with the trace id.
     "sse_feed": (PARSE, "stream", None, "parse_error"),

@@ -1,8 +1,10 @@
-"""Test-only mitmproxy script: inject faults into the r4u addon of a running mitmdump.
+"""Test-only mitmproxy script: inject faults into the r4u addon of a running mitmdump, and into
+the delivery process it starts.
 
-Load it AFTER the addon (`mitmdump -s r4u_mitm/addon.py ... -s tests/fakes/faults.py`). It is
-driven through the proxy itself, by plain-HTTP requests to the made-up host `r4u-faults.test`
-(answered here, never sent anywhere):
+Load it AFTER the addon (`mitmdump -s r4u_mitm/addon.py ... -s tests/fakes/faults.py`), and run
+mitmdump with `DELIVERER_FAULTS_ENV` (below) in its environment so that the deliverer it starts
+loads `tests/fakes/deliverer_faults/sitecustomize.py`. It is driven through the proxy itself, by
+plain-HTTP requests to the made-up host `r4u-faults.test` (answered here, never sent anywhere):
 
     GET http://r4u-faults.test/fault/<name>   install fault <name> (removing the previous one);
                                              `none` removes it. Answers 200 "ok <name>".
@@ -13,24 +15,30 @@ Faults (each raises `RuntimeError("injected fault: <name>")` where it says):
     tap_init        Tap(...) as the addon builds it                 -> addon `responseheaders` hook
     tap_clock       the clock of each Tap the addon builds          -> inside the stream callable
     freeze          flows.freeze as the addon calls it              -> addon `response`/`error` hooks
-    submit          sender.Delivery.submit                          -> addon `response`/`error` hooks
-    build_record    record.build_record as the addon calls it       -> the delivery's store thread
-    sse_feed        sse.SSEDecoder.feed                             -> record building (store thread)
-    stream_summary  providers.stream_summary                        -> record building (store thread)
-    body_summary    providers.body_summary                          -> record building (store thread)
+    submit          supervisor.Link.append                          -> addon `response`/`error` hooks
+    build_record    record.build_record                             -> the deliverer, building the record
+    sse_feed        sse.SSEDecoder.feed                             -> the deliverer, parsing
+    stream_summary  providers.stream_summary                        -> the deliverer, parsing
+    body_summary    providers.body_summary                          -> the deliverer, parsing
 
-mitmproxy loads the addon as a script module that is not in sys.modules, and the addon binds
-`build_record`, `freeze` and `Tap` by name (`from r4u_mitm.record import build_record`): those
-are patched in the addon module's own globals, reached through the addon's class. The others are
-looked up through their module or class at call time and are patched there.
+The last four happen in another process, later: while one of them is active, the traces of the
+flows that start get the property `fault=<name>`, which the deliverer's patches look for (and
+remove before building). mitmproxy loads the addon as a script module that is not in
+sys.modules, and the addon binds `freeze` and `Tap` by name: those are patched in the addon
+module's own globals, reached through the addon's class.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mitmproxy import ctx, http
 
-from r4u_mitm import providers, sender, sse
+from r4u_mitm import providers, supervisor
 
+DELIVERER_FAULTS = frozenset({"build_record", "sse_feed", "stream_summary", "body_summary"})
+DELIVERER_FAULTS_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parent / "deliverer_faults"),
+                        "R4U_TEST_DELIVERER_FAULTS": "1"}
 CONTROL_HOST = "r4u-faults.test"
 
 
@@ -90,22 +98,21 @@ class Faults:
             self._set(addon_globals, "Tap", boom)
         elif fault == "tap_clock":
             real_tap = addon_globals["Tap"]
-            self._set(addon_globals, "Tap", lambda limit: real_tap(limit, clock=_boom("tap_clock")))
+            self._set(addon_globals, "Tap", lambda limit, budget=None: real_tap(limit, budget, clock=_boom("tap_clock")))
         elif fault == "freeze":
             self._set(addon_globals, "freeze", boom)
         elif fault == "submit":
-            self._set(sender.Delivery, "submit", boom)
-        elif fault == "build_record":
-            self._set(addon_globals, "build_record", boom)
-        elif fault == "sse_feed":
-            self._set(sse.SSEDecoder, "feed", boom)
-        elif fault == "stream_summary":
-            self._set(providers.__dict__, "stream_summary", boom)
-        elif fault == "body_summary":
-            self._set(providers.__dict__, "body_summary", boom)
-        else:
+            self._set(supervisor.Link, "append", boom)
+        elif fault not in DELIVERER_FAULTS:
             raise ValueError(f"unknown fault {fault!r}")
         self.active = fault
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """After the tracer's: mark the new trace for the deliverer's patches."""
+        if self.active in DELIVERER_FAULTS:
+            trace = self._tracer().link.open.get(flow.id)
+            if trace is not None:
+                trace.properties["fault"] = self.active
 
     # -- control requests --------------------------------------------------------------------
 
