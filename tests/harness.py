@@ -31,7 +31,7 @@ class Mitmdump:
     def __init__(self, workdir: Path, *, r4u_url: str | None = None, upstream_port: int | None = None,
                  options: dict[str, object] | None = None, args: tuple[str, ...] = (),
                  addon: bool = True, program: str = "mitmdump", env: dict[str, str] | None = None,
-                 confdir: Path | None = None) -> None:
+                 confdir: Path | None = None, addon_file: Path = ADDON) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.confdir = confdir or self.workdir / "confdir"
@@ -51,7 +51,7 @@ class Mitmdump:
         opts.update(options or {})
         cmd = [str(BIN / program), "--listen-host", "127.0.0.1", "-p", str(self.port)]
         if addon:
-            cmd += ["-s", str(ADDON)]
+            cmd += ["-s", str(addon_file)]
         if upstream_port:
             cmd += ["-s", str(ROUTE)]
         for key, value in opts.items():
@@ -94,6 +94,16 @@ class Mitmdump:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"mitmdump is not listening on {self.port}:\n{self.log()[-3000:]}")
+
+    def deliverer_pid(self) -> int | None:
+        """The pid of the delivery process working on this proxy's outbox, as it says in it."""
+        from r4u_mitm.spool import read_stats
+
+        try:
+            state = read_stats(self.outbox)["deliverer"]
+        except (FileNotFoundError, RuntimeError):
+            return None
+        return state.get("pid") if state.get("running") else None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
