@@ -9,14 +9,14 @@ A) Four setups against a local fake OpenAI (FakeUpstream, TLS) streaming as fast
    * medium streams round-robin over the setups: events/s and proxy CPU per event (utime+stime
      from /proc/PID/stat), the steadiest figures on a noisy machine;
    * one long stream: events/s and MB/s at the client, the proxy's CPU per event, then short
-     streams right after it until its record is stored (the addon's store thread shares the GIL);
+     streams right after it until its exchange is stored (the spool writer thread shares the GIL);
    * 1, 10 and 100 concurrent streams: total events/s, the streams' TTFT p99, proxy CPU per event,
      and the TTFT of probe requests made meanwhile by a separate process to a second, idle fake;
    * peak RSS of each proxy (VmHWM, reset per phase through /proc/PID/clear_refs).
 B) Delivery through the proxy: end of stream (record's completed_at) -> R4U got it (p50, p99);
    the backlog left by the R4U-down proxy, and how fast a restarted proxy drains it.
-C) Delivery alone: an outbox pre-filled with ~3 KB records, drained by `sender.Delivery` into
-   `python -m tests.fakes.r4u` (another process); then paced submits for end -> 201 latency.
+C) Delivery alone: a spool pre-filled with exchanges of ~3 KB records, drained by the delivery process
+   (`python -m r4u_mitm.deliver`) into `python -m tests.fakes.r4u`; then paced appends for end -> 201 latency.
 D) The pure parts: SSEDecoder, build_record, Tap.__call__, the response hook's join.
 
 Host: through the proxies the client asks for the fake's own address, https://127.0.0.1:PORT, and
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import gc
 import json
@@ -637,7 +638,7 @@ class Bench:
         if s.name == "addon":
             await self.r4u_log.wait("addon", s.sent - s.errors, timeout)
         elif s.name == "down":
-            from r4u_mitm.outbox import read_stats
+            from r4u_mitm.spool import read_stats
 
             while time.monotonic() < deadline:
                 try:
@@ -719,7 +720,7 @@ class Bench:
         if s.name == "addon":
             return sum(r["b"] for r in self.r4u_log.select("addon", "long"))
         if s.name == "down":
-            from r4u_mitm.outbox import read_stats
+            from r4u_mitm.spool import read_stats
 
             try:
                 return read_stats(s.proxy.outbox)["pending_bytes"]
@@ -806,7 +807,7 @@ class Bench:
     # Part B: what reached R4U, the backlog and its drain ------------------------------------------
 
     async def run_b(self) -> None:
-        from r4u_mitm.outbox import read_stats
+        from r4u_mitm.spool import read_stats
 
         b = self.b
         rows = self.r4u_log.select("addon")
@@ -888,34 +889,27 @@ def sample_exchange(events: int, *, ended_wall: float | None = None, duration: f
 
 def run_c(prof: Profile, children: Children, tmp: Path, pin_sender: set[int] | None,
           pin_rest: set[int] | None, r4u_timed: tuple[int, R4ULog] | None, log) -> dict:
-    import shutil
-
-    from r4u_mitm.outbox import Outbox, encode
+    from r4u_mitm.deliver import build, encode
     from r4u_mitm.record import build_record
+    from r4u_mitm.spool import Spool, pack
     from tests.harness import free_port
 
     out: dict = {}
     # a realistic record of about 3 KB: a short chat stream with the fake's real headers
     sizes = {n: len(encode(build_record(sample_exchange(n), max_body_bytes=32 * MB))) for n in range(0, 12)}
     events = min(sizes, key=lambda n: abs(sizes[n] - 3072))
-    template = build_record(sample_exchange(events), max_body_bytes=32 * MB)
     out["record_bytes"] = sizes[events]
     path = tmp / "c-outbox.sqlite"
-    if pin_sender:
-        os.sched_setaffinity(0, pin_sender)
-    bodies = []
-    with Outbox(path) as ob:
+    options = {"max_body_bytes": 32 * MB, "redact": []}
+    with Spool(path) as spool:
         t = time.perf_counter()
-        for _ in range(prof.deliver_n):
-            tid = str(uuid.uuid4())
-            record = {**template, "metadata": {**template["metadata"], "trace_id": tid}}
-            ob.put(tid, record)
+        for i in range(0, prof.deliver_n, 64):  # as the proxy's spool writer: pack, batches of up to 64
+            spool.append([pack(sample_exchange(events), options) for _ in range(min(64, prof.deliver_n - i))])
         out["put_rps"] = prof.deliver_n / (time.perf_counter() - t)
-        bodies = [row[2] for row in ob.claim(prof.deliver_n)]
-        ob.release()
-    shutil.copyfile(path, tmp / "c-outbox-copy.sqlite")
-    log(f"C: outbox filled with {prof.deliver_n} records of {out['record_bytes']} B "
-        f"({out['put_rps']:,.0f} puts/s); draining")
+        bodies = [build(row)[0] for row in spool.claim(prof.deliver_n)]
+        spool.release()
+    log(f"C: spool filled with {prof.deliver_n} exchanges (records of {out['record_bytes']} B; "
+        f"{out['put_rps']:,.0f} appends/s); draining")
 
     port = free_port()
     fake = children.spawn([sys.executable, "-m", "tests.fakes.r4u", "--port", str(port), "--quiet"],
@@ -923,8 +917,8 @@ def run_c(prof: Profile, children: Children, tmp: Path, pin_sender: set[int] | N
     pin(fake.pid, pin_rest)
     url = f"http://127.0.0.1:{port}"
     try:
-        out.update(asyncio.run(_drain_outbox(prof, path, url, fake.pid)))
-        log(f"C: {out['rps']:,.0f} records/s ({out['cpu_us']:.0f} us CPU per record in this process)")
+        out.update(_drain_spool(prof, path, url, fake.pid, pin_sender))
+        log(f"C: {out['rps']:,.0f} records/s ({out['cpu_us']:.0f} us CPU per record in the deliverer)")
         out["bare"] = asyncio.run(_bare_posts(bodies, port, 8))
         log(f"C: bare asyncio posting {out['bare']['rps']:,.0f} records/s ({out['bare']['cpu_us']:.0f} us CPU)")
     finally:
@@ -932,9 +926,18 @@ def run_c(prof: Profile, children: Children, tmp: Path, pin_sender: set[int] | N
 
     if r4u_timed is not None:
         port, rlog = r4u_timed
-        out["latency"] = asyncio.run(_paced(prof, events, tmp / "c-latency.sqlite", f"http://127.0.0.1:{port}", rlog))
+        out["latency"] = _paced(prof, events, tmp / "c-latency.sqlite", f"http://127.0.0.1:{port}", rlog, pin_sender)
         log("C: latency " + ", ".join(f"{r}/s p50 {v['p50']:.1f} ms" for r, v in out["latency"].items()))
     return out
+
+
+def _deliverer(path: Path, url: str, pin_to: set[int] | None) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "r4u_mitm.deliver", "--outbox", str(path), "--r4u-url", url,
+                             "--drain-seconds", "0", "--parent"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=ROOT)
+    if pin_to:
+        os.sched_setaffinity(proc.pid, pin_to)
+    return proc
 
 
 async def _bare_posts(bodies: list[bytes], port: int, conns: int) -> dict:
@@ -967,59 +970,62 @@ async def _bare_posts(bodies: list[bytes], port: int, conns: int) -> dict:
     return {"rps": ok / dt, "cpu_us": cpu / max(1, ok) * 1e6, "ok": ok}
 
 
-async def _drain_outbox(prof: Profile, path: Path, url: str, fake_pid: int) -> dict:
-    from r4u_mitm.sender import Delivery
+def _drain_spool(prof: Profile, path: Path, url: str, fake_pid: int, pin_to: set[int] | None) -> dict:
+    """The delivery process alone, from its start to an empty spool."""
+    from r4u_mitm.spool import read_stats
 
-    gc.collect()
-    d = Delivery(api_url=url, api_key=None, outbox_path=path, status_interval=None)
-    cpu0, fake0 = time.process_time(), cpu_seconds(fake_pid)
     t0 = time.perf_counter()
-    d.start()
+    fake0 = cpu_seconds(fake_pid)
+    proc = _deliverer(path, url, pin_to)
     deadline = t0 + max(60.0, prof.deliver_n / 100)
-    pending = d.status()["pending"]
+    pending = read_stats(path)["pending"]
     while pending and time.perf_counter() < deadline:
-        await asyncio.sleep(0.02)
-        pending = d.status()["pending"]
+        time.sleep(0.02)
+        pending = read_stats(path)["pending"]
     t1 = time.perf_counter()
-    cpu1, fake1 = time.process_time(), cpu_seconds(fake_pid)
-    st = d.status()
-    d.stop(None)
+    cpu, fake1 = cpu_seconds(proc.pid), cpu_seconds(fake_pid)
+    delivered = read_stats(path)["delivered"]
+    proc.stdin.close()
+    proc.wait(30)
     done = prof.deliver_n - pending
-    return {"rps": done / (t1 - t0), "seconds": t1 - t0, "left": pending, "delivered": st["delivered"],
-            "cpu_us": (cpu1 - cpu0) / max(1, done) * 1e6, "cores": (cpu1 - cpu0) / (t1 - t0),
-            "fake_cores": (fake1 - fake0) / (t1 - t0)}
+    return {"rps": done / (t1 - t0), "seconds": t1 - t0, "left": pending, "delivered": delivered,
+            "cpu_us": cpu / max(1, done) * 1e6, "cores": cpu / (t1 - t0), "fake_cores": (fake1 - fake0) / (t1 - t0)}
 
 
-async def _paced(prof: Profile, events: int, path: Path, url: str, rlog: R4ULog) -> dict:
-    """Submit records at a steady rate as the addon does (build_record on the store thread),
-    each completed 'now'; the timing fake R4U notes when it got each."""
-    from r4u_mitm.record import build_record
-    from r4u_mitm.sender import Delivery
+def _paced(prof: Profile, events: int, path: Path, url: str, rlog: R4ULog, pin_to: set[int] | None) -> dict:
+    """Append exchanges at a steady rate as the proxy's spool writer does (and wake the
+    deliverer), each completed 'now'; the timing fake R4U notes when it got each."""
+    from r4u_mitm import wake
+    from r4u_mitm.spool import Spool, pack
 
-    d = Delivery(api_url=url, api_key=None, outbox_path=path, status_interval=None)
-    d.start()
-    await asyncio.sleep(0.3)  # the start-up probe
+    options = {"max_body_bytes": 32 * MB, "redact": []}
+    spool = Spool(path)
+    waker = wake.Sender(path)
+    proc = _deliverer(path, url, pin_to)
+    time.sleep(1.0)  # its start and the start-up probe
     result = {}
     try:
         for rate, seconds in prof.latency:
             phase = f"lat{rate}"
             n = int(rate * seconds)
-            cpu0 = time.process_time()
             t_start = time.perf_counter()
             for i in range(n):
                 delay = t_start + i / rate - time.perf_counter()
                 if delay > 0:
-                    await asyncio.sleep(delay)
+                    time.sleep(delay)
                 ex = sample_exchange(events, ended_wall=time.time(), properties={"setup": "delivery", "phase": phase})
-                d.submit(functools.partial(build_record, ex, max_body_bytes=32 * MB))
+                spool.append([pack(ex, options)])
+                waker.send()
             deadline = time.monotonic() + 30
             while len(rlog.select("delivery", phase)) < n and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            cpu = time.process_time() - cpu0
+                time.sleep(0.02)
             lat = [(r["t"] - iso_ts(r["c"])) * 1000 for r in rlog.select("delivery", phase)]
-            result[rate] = {"n": len(lat), "p50": pct(lat, 50), "p99": pct(lat, 99), "cpu_us": cpu / max(1, n) * 1e6}
+            result[rate] = {"n": len(lat), "p50": pct(lat, 50), "p99": pct(lat, 99)}
     finally:
-        d.stop(None)
+        proc.stdin.close()
+        proc.wait(30)
+        spool.close()
+        waker.close()
     return result
 
 
@@ -1038,8 +1044,9 @@ def best_of(fn, runs: int = 3) -> float:
 def run_d(prof: Profile, tmp: Path, log) -> dict:
     import tracemalloc
 
-    from r4u_mitm.outbox import Outbox, encode
+    from r4u_mitm.deliver import encode
     from r4u_mitm.record import build_record
+    from r4u_mitm.spool import Spool, pack
     from r4u_mitm.sse import SSEDecoder
     from r4u_mitm.tap import Tap
     from tests.fakes.upstream import default_streams_dir, split_events
@@ -1101,8 +1108,10 @@ def run_d(prof: Profile, tmp: Path, log) -> dict:
     t = best_of(lambda: [build_record(short, max_body_bytes=32 * MB) for _ in range(reps)])
     rec = build_record(short, max_body_bytes=32 * MB)
     t_enc = best_of(lambda: [encode(rec) for _ in range(reps)])
-    with Outbox(tmp / "d-outbox.sqlite") as ob:
-        t_put = best_of(lambda: [ob.put(str(i), rec) for i in range(reps)])
+    options = {"max_body_bytes": 32 * MB, "redact": []}
+    with Spool(tmp / "d-outbox.sqlite") as spool:  # the proxy's whole store step: pack + one append
+        t_put = best_of(lambda: [spool.append([pack(dataclasses.replace(short, trace_id=str(uuid.uuid4())), options)])
+                                 for _ in range(reps)])
     out["short"] = {"events": prof.short_synth + 3, "build_us": t / reps * 1e6, "encode_us": t_enc / reps * 1e6,
                     "put_us": t_put / reps * 1e6, "bytes": len(encode(rec))}
 
@@ -1276,7 +1285,7 @@ def build_report(bench: Bench, c: dict | None, d: dict | None, load: dict) -> tu
         lines.append("")
         lines.append(f"C) Delivery alone: outbox of {prof.deliver_n:,} records × {c['record_bytes']:,} B → "
                      f"python -m tests.fakes.r4u (own process); other processes meanwhile: {fmt(lc.get('mean'), 2)} cores")
-        lines.append(f"  outbox put (the store thread's part: serialize + commit, one by one): {c['put_rps']:,.0f} records/s")
+        lines.append(f"  spool append (the proxy's writer: pack + commit, batches of 64): {c['put_rps']:,.0f} records/s")
         lines.append(f"  drain: {c['rps']:,.0f} records/s in {c['seconds']:.1f} s (left {c['left']}); "
                      f"{c['cpu_us']:.0f} µs CPU per record, {c['cores']:.2f} cores used by Delivery, "
                      f"{c['fake_cores']:.2f} by the fake R4U   [target ≥ 2,000/s on one core: "
@@ -1296,13 +1305,13 @@ def build_report(bench: Bench, c: dict | None, d: dict | None, load: dict) -> tu
             lines.append(f"  SSEDecoder, {v['mb']:.0f} MB in {name}: {v['mbps']:.1f} MB/s, {v['eps']:,.0f} events/s")
         v = d["build"]
         lines.append(f"  build_record, {v['events']:,} events ({v['body_mb']:.1f} MB): {v['ms']:.0f} ms = "
-                     f"{v['us_per_event']:.2f} µs/event on the store thread; then the outbox's json encode: "
+                     f"{v['us_per_event']:.2f} µs/event in the deliverer; then its json encode: "
                      f"{v['encode_ms']:.0f} ms")
         lines.append(f"    peak memory: build_record +{v['peak_build_mb']:.0f} MB, encode +{v['peak_encode_mb']:.0f} MB "
                      f"for a {v['body_mb']:.1f} MB body (the record's response str alone: {v['record_str_mb']:.0f} MB)")
         v2 = d["short"]
         lines.append(f"  one short exchange ({v2['events']} events, {v2['bytes']:,} B record): build_record "
-                     f"{v2['build_us']:.0f} µs, encode {v2['encode_us']:.0f} µs, Outbox.put (encode + commit) "
+                     f"{v2['build_us']:.0f} µs, encode {v2['encode_us']:.0f} µs, the proxy's store step (pack + commit) "
                      f"{v2['put_us']:.0f} µs")
         lines.append(f"  Tap.__call__: {d['tap_ns']:.0f} ns per piece (a bare Python call: {d['ident_ns']:.0f} ns)")
         lines.append(f"  the response hook's b''.join of {v['events']:,} pieces (on the event loop): {d['join_ms']:.1f} ms")
@@ -1370,8 +1379,9 @@ def write_markdown(path: Path, text: str, rows, meta: dict, args, runtime: float
           "* Proxy CPU: utime+stime of the mitmdump process (`/proc/PID/stat`, 10 ms ticks) during the "
           "stream, per event (the fake writes one event per write); \"+ deferred\" adds what the process "
           "spent after the stream ended until idle (record building, SQLite, the post).",
-          "* After the long stream: short streams right after it, while the addon builds and stores that "
-          "stream's record on its store thread (which shares the GIL with the event loop).",
+          "* After the long stream: short streams right after it, while the addon's spool writer stores that "
+          "stream's raw exchange (its thread shares the GIL with the event loop; the record is built in the "
+          "delivery process).",
           "* Concurrent streams: total events/s at the client from the first request to the last byte. "
           "The streams' own TTFT p99 mostly measures the fake, which writes each stream as fast as its "
           "socket takes it (see *direct*); the **probe** rows are short requests to a second, idle fake "
@@ -1379,8 +1389,8 @@ def write_markdown(path: Path, text: str, rows, meta: dict, args, runtime: float
           "* Peak RSS: VmHWM, reset before each phase (`/proc/PID/clear_refs`); \"traced\" is the largest "
           "body volume a phase traced.",
           "* Lines B, C and D are in the report below: B reads the fake R4U's receive time of each record "
-          "against the record's `completed_at`; C drains a pre-filled outbox with `sender.Delivery` in this "
-          "process into `python -m tests.fakes.r4u`, then submits records at a steady rate; D times the pure "
+          "against the record's `completed_at`; C drains a pre-filled spool with the delivery process "
+          "into `python -m tests.fakes.r4u`, then appends exchanges at a steady rate; D times the pure "
           "modules in this process.", "",
           "| metric | direct | plain | addon | R4U down | target | addon vs plain | down vs plain |",
           "|---|--:|--:|--:|--:|---|---|---|"]
@@ -1485,7 +1495,7 @@ def main(argv: list[str] | None = None) -> int:
     # the code under test, loaded now: the proxies start now too, so C and D measure the same code
     import importlib
 
-    for module in ("outbox", "record", "sender", "sse", "tap"):
+    for module in ("spool", "record", "deliver", "sse", "tap"):
         importlib.import_module(f"r4u_mitm.{module}")
     meta = machine()
     meta["command"] = " ".join(["scripts/bench", *map(shlex.quote, argv)])

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from r4u_mitm.outbox import read_stats  # noqa: E402
+from r4u_mitm.spool import read_stats  # noqa: E402
 from tests.fakes.r4u import FakeR4U  # noqa: E402
 from tests.fakes.upstream import FakeUpstream  # noqa: E402
 from tests.harness import Mitmdump  # noqa: E402

@@ -53,6 +53,13 @@ def wait_pending(outbox, n: int, timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
+def wait_log(proxy: Mitmdump, text: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in proxy.log():
+        assert time.monotonic() < deadline, f"no {text!r} in the log:\n{proxy.log()[-2000:]}"
+        time.sleep(0.05)
+
+
 def delivered_once(r4u, tag: str, n: int, timeout: float = 60, resent_ok: bool = False) -> list[dict]:
     """Wait for n distinct traces tagged `tag`; each trace_id exactly once (or, with
     `resent_ok`, re-sends of the identical record: posts in flight at a stop are sent again)."""
@@ -79,7 +86,7 @@ def test_r4u_down_at_start_then_up(tmp_path, upstream, r4u_later, monkeypatch, t
         client = use_proxy(monkeypatch, proxy)
         make_exchanges(client, tag, 4)
         wait_pending(proxy.outbox, 4)
-        assert "R4U is not answering" in proxy.log()
+        wait_log(proxy, "R4U is not answering")  # from the delivery process, through the proxy's log
         r4u_later.start()
         delivered_once(r4u_later, tag, 4)
         assert read_stats(proxy.outbox)["pending"] == 0
