@@ -141,6 +141,8 @@ class R4UTracer:
                 "--max-records", str(opts.r4u_outbox_max_records), "--max-mb", str(opts.r4u_outbox_max_mb)]
         if opts.r4u_ca_file:
             args += ["--ca-file", opts.r4u_ca_file]
+        if ctx.master.addons.get("view") is not None:  # mitmweb or the console: flow comments follow delivery
+            args.append("--outcomes")
         self.link.start(max_records=opts.r4u_outbox_max_records, max_bytes=opts.r4u_outbox_max_mb * MB,
                         deliverer_args=args)
 

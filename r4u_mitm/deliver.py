@@ -10,9 +10,10 @@ off and probes until R4U answers (one warning when it goes, one line when it is 
 
 Started by the addon with `--parent`: stdin is the proxy's lifeline (EOF: the proxy is gone,
 however it ended), stdout carries newline-delimited JSON to the proxy: `{"log": level, "msg":
-text}` and `{"trace": id, "outcome": ..., "wire": {...}}`. When the proxy is gone (or on
-SIGTERM/SIGINT when standalone) it goes on delivering for up to `--drain-seconds`, lets the posts
-in flight finish (no re-send), and exits; what is left waits for the next start.
+text}` and, with `--outcomes` (mitmweb, the console: someone sees the flow comments),
+`{"trace": id, "outcome": ..., "wire": {...}}`. When the proxy is gone (or on SIGTERM/SIGINT
+when standalone) it goes on delivering for up to `--drain-seconds`, lets the posts in flight
+finish (no re-send), and exits; what is left waits for the next start.
 
 Nothing is ever logged of a record's body or of the API key.
 """
@@ -44,6 +45,7 @@ SAFETY_POLL = 5.0        # seconds between two looks at the spool when no wake-u
 STANDBY_POLL = 0.25      # seconds between two tries of a lock another deliverer holds
 COMMIT_GATHER = 0.02     # seconds outcomes pile up before one transaction writes them
 BATCH = 64
+INLINE_BUILD = 64 * 1024  # bytes of bodies up to which a record is built on the loop (well under 1 ms)
 
 
 def encode(rec: dict) -> bytes:
@@ -342,7 +344,10 @@ class Worker:
 
     async def _post(self, row: Row) -> None:
         try:
-            body, wire = await self.loop.run_in_executor(self.builder, build, row)
+            if len(row.response_body) + len(row.request_body) <= INLINE_BUILD:
+                body, wire = build(row)  # a handoff to the thread costs more, in GIL switches, than this
+            else:
+                body, wire = await self.loop.run_in_executor(self.builder, build, row)
         except Exception as exc:  # noqa: BLE001 - kept raw in the dead-letter table: a later version can rebuild it
             reason = f"cannot build the record: {policy.describe(exc)}"
             self.record_errors += 1
@@ -399,7 +404,8 @@ class Worker:
         return policy.describe(exc)
 
     def _tell(self, trace_id: str, outcome: str, wire: dict | None) -> None:
-        self.channel.send({"trace": trace_id, "outcome": outcome, "wire": wire})
+        if self.opts.outcomes:
+            self.channel.send({"trace": trace_id, "outcome": outcome, "wire": wire})
 
     # Outcomes -------------------------------------------------------------------------------------
 
@@ -552,6 +558,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-cap", type=float, default=60.0, help=argparse.SUPPRESS)
     p.add_argument("--parent", action="store_true",
                    help="started by a proxy: stdin EOF means it is gone; stdout carries messages to it")
+    p.add_argument("--outcomes", action="store_true",
+                   help="with --parent: also tell the proxy what became of each trace (for mitmweb's comments)")
     return p
 
 

@@ -57,7 +57,7 @@ class Deliverer:
 
     def __init__(self, box: Path, url: str, *args: str, env: dict | None = None) -> None:
         cmd = [sys.executable, "-m", "r4u_mitm.deliver", "--outbox", str(box), "--r4u-url", url, "--timeout", "2",
-               "--retry-base", "0.05", "--retry-cap", "0.4", "--drain-seconds", "5", *args, "--parent"]
+               "--retry-base", "0.05", "--retry-cap", "0.4", "--drain-seconds", "5", *args, "--parent", "--outcomes"]
         environ = {k: v for k, v in os.environ.items() if k != "R4U_API_KEY"}
         environ.update(env or {})
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
