@@ -172,6 +172,18 @@ def reset_peak(pid: int) -> None:
         pass
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of `pid` (a proxy's delivery process), from /proc."""
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
 def pin(pid: int, cpus: set[int] | None) -> None:
     """Pin every thread of `pid` (threads made later inherit it from their creator)."""
     if not cpus:
@@ -306,7 +318,9 @@ class Children:
     def pids(self) -> list[int]:
         out = [os.getpid()]
         out += [p.pid for p in list(self.procs) if p.poll() is None]
-        out += [m.proc.pid for m in list(self.proxies) if m.proc is not None and m.proc.poll() is None]
+        for m in list(self.proxies):
+            if m.proc is not None and m.proc.poll() is None:
+                out += [m.proc.pid, *child_pids(m.proc.pid)]  # with its delivery process
         return out
 
     def kill_all(self) -> None:
@@ -604,6 +618,12 @@ class Bench:
                          args=args)
         self.children.proxy(m)
         pin(m.proc.pid, self.pin_proxy)
+        if name != "plain":  # its delivery process runs beside the client and the fakes, as on another core
+            deadline = time.monotonic() + 10
+            while not child_pids(m.proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            for child in child_pids(m.proc.pid):
+                pin(child, self.pin_rest)
         return m
 
     def make_setups(self) -> None:
@@ -1500,8 +1520,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = machine()
     meta["command"] = " ".join(["scripts/bench", *map(shlex.quote, argv)])
     bench = Bench(prof, args, children, tmp)
-    meta["pinning"] = ("each proxy on CPU 1, the client and the fakes on CPU 0; in C, Delivery on CPU 1 and "
-                       "the fake R4U on CPU 0" if bench.pin_proxy else "none (the scheduler's choice)")
+    meta["pinning"] = ("each proxy on CPU 1, its delivery process, the client and the fakes on CPU 0; in C, "
+                       "the deliverer on CPU 1 and the fake R4U on CPU 0" if bench.pin_proxy else "none (the scheduler's choice)")
     c = d = None
     load: dict = {}
     sampler = LoadSampler(children.pids).start()
