@@ -30,6 +30,7 @@ import random
 import signal
 import ssl
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -106,19 +107,23 @@ async def _wait(event: asyncio.Event, timeout: float | None) -> None:
 
 
 class Channel:
-    """Messages to the proxy that started us (stdout); nothing once it is gone."""
+    """Messages to the proxy that started us (stdout, one JSON line each, from any thread);
+    nothing once it is gone."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
+        self._lock = threading.Lock()
 
     def send(self, message: dict) -> None:
         if not self.enabled:
             return
-        try:
-            sys.stdout.write(json.dumps(message, separators=(",", ":")) + "\n")
-            sys.stdout.flush()
-        except (OSError, ValueError):  # the proxy is gone (EPIPE): say nothing more
-            self.enabled = False
+        line = json.dumps(message, separators=(",", ":")) + "\n"
+        with self._lock:
+            try:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            except (OSError, ValueError):  # the proxy is gone (EPIPE): say nothing more
+                self.enabled = False
 
 
 class _ChannelHandler(logging.Handler):
@@ -161,13 +166,14 @@ class Worker:
         self.reachable: bool | None = None
         self.last_error: str | None = None
         self.record_errors = 0
+        self.internal_errors = 0
         self.poisoned = 0
         self.misconfig_logged: set[int] = set()
         self.state_dirty = True
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         if os.environ.get("R4U_API_KEY"):
             headers["X_API_KEY"] = os.environ["R4U_API_KEY"]
-        import httpx
+        import httpx  # here, once the lock is held: a deliverer standing by stays light
 
         self.httpx = httpx
         # Direct connections only (never through the proxy, or any proxy, by env); no redirects.
@@ -453,7 +459,10 @@ class Worker:
         self.results_ready.set()
 
     def _internal_error(self, what: str, exc: BaseException) -> None:
-        log.error("r4u-mitm: error %s: %s", what, policy.describe(exc))
+        self.internal_errors += 1
+        n = self.internal_errors
+        if n <= 10 or n % 1000 == 0:
+            log.error("r4u-mitm: error %s (%d so far): %s", what, n, policy.describe(exc))
 
     def _unreachable(self, error: str) -> None:
         self.last_error = error
