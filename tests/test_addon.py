@@ -154,3 +154,27 @@ def test_plain_mitmdump_does_not_copy_streamed_bodies_back(tmp_path):
         t.response(flow)
         assert flow.response.raw_content is None
         assert t.link.writer.records[0]["response"] == "data: [DONE]\n\n"
+
+
+def test_flush_wakes_the_spools_deliverer(tracer, tmp_path):
+    """`r4u.flush` → a flush datagram to the deliverer of this spool (what it then does is in
+    test_deliver::test_flush_tries_now_instead_of_waiting_for_the_backoff)."""
+    from r4u_mitm import wake
+
+    t, _ = tracer
+    sock = wake.bind(t.link.path)  # where the deliverer of this spool listens
+    try:
+        t.flush()
+        assert sock.recv(16) == wake.FLUSH
+    finally:
+        sock.close()
+
+
+def test_status_says_what_the_spool_and_the_proxy_know(tracer):
+    t, _ = tracer
+    flow = openai_flow()
+    t.requestheaders(flow)
+    status = dict(item.split("=", 1) for item in t.status().split(", "))
+    assert status["open"] == "1" and status["traced"] == "0" and status["outbox"] == str(t.link.path)
+    assert {"pending", "delivered", "retried", "dead_lettered", "dropped", "record_errors", "reachable",
+            "last_error", "internal_errors", "store_errors", "memory_used_mb"} <= set(status)
