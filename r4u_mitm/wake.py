@@ -1,7 +1,7 @@
 """Wake-ups from the proxies to the deliverer of a spool: one datagram on a Unix socket whose
 address is derived from the spool's real path (Linux: the abstract namespace; elsewhere a short
 path in the temp dir). `b"w"`: exchanges were added; `b"f"`: flush (try everything now).
-Sending never blocks and never fails the sender: a lost wake-up is covered by a slow poll."""
+Sending never blocks and never fails the proxy: a lost wake-up is covered by a slow poll."""
 
 from __future__ import annotations
 

@@ -103,7 +103,7 @@ def test_mitmweb_shows_the_assembled_stream(mitmweb, r4u, tag, monkeypatch, tmp_
 
     text = stream_chat(mitmweb, monkeypatch, tag=tag, stream=STREAM, delay_ms=5)
     assert text == chat_text(stream_bytes(STREAM)) and text
-    (trace,) = traces_for(r4u, tag)  # delivered: the store thread has parsed it (ttft is known)
+    (trace,) = traces_for(r4u, tag)  # delivered: the deliverer has parsed it and tells the proxy (ttft)
     trace_id = trace["metadata"]["trace_id"]
 
     with sync_playwright() as pw:
