@@ -163,6 +163,7 @@ class Worker:
         self.probe_lock = asyncio.Lock()
         self.deadline: float | None = None
         self.gave_up = False
+        self.closing = False
         self.reachable: bool | None = None
         self.last_error: str | None = None
         self.record_errors = 0
@@ -201,7 +202,8 @@ class Worker:
             for _ in posters:
                 await self.queue.put(None)
             await asyncio.gather(*posters, return_exceptions=True)  # posts in flight finish
-            committer.cancel()
+            self.closing = True  # the committer ends after the batch it is writing (never cancelled mid-way)
+            self.results_ready.set()
             stop_watch.cancel()
             await asyncio.gather(committer, stop_watch, return_exceptions=True)
             self.loop.remove_reader(sock.fileno())
@@ -421,8 +423,10 @@ class Worker:
 
     async def _commit_loop(self) -> None:
         """Write outcomes in batches: whatever piled up while the previous batch was written."""
-        while True:
+        while not self.closing:  # then run() writes what is left
             await self.results_ready.wait()
+            if self.closing:
+                return
             if sum(map(len, self.results)) < BATCH and not self.stopping.is_set():
                 await asyncio.sleep(COMMIT_GATHER)  # fewer, larger transactions
             self.results_ready.clear()

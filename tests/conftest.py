@@ -118,8 +118,8 @@ def headers(tag: str, **fake: object) -> dict[str, str]:
 def traces_for(r4u, tag: str, n: int = 1, timeout: float = 20) -> list[dict]:
     """Wait until R4U holds `n` distinct traces tagged `tag` (then a moment more, to catch extras).
 
-    Delivery is at least once: a post in flight when mitmdump stops is sent again by the
-    shutdown drain. Such a re-send carries the same trace_id and must be the same record."""
+    Delivery is at least once: a post cut by a killed deliverer is sent again by the next one.
+    Such a re-send carries the same trace_id and must be the same record."""
 
     def mine() -> list[dict]:
         by_id: dict[str, dict] = {}

@@ -311,6 +311,19 @@ def test_sigterm_drains_a_standalone_deliverer(fake, box):
     assert stats(box)["deliverer"]["running"] is False
 
 
+def test_posts_in_flight_at_stdin_eof_finish_and_are_settled(fake, box):
+    spool_in(box, [])
+    d = Deliverer(box, fake.url, "--drain-seconds", "10", "--timeout", "10")  # longer than the hang
+    until(lambda: fake.requests >= 1, what="the start-up probe")
+    fake.hang(2.0)  # the posts below are held, then answered
+    ids = spool_in(box, [exchange() for _ in range(3)])
+    until(lambda: fake.requests >= 2, what="a post held by R4U")
+    d.close_stdin()
+    assert d.wait() == 0
+    assert stats(box)["pending"] == 0 and stats(box)["delivered"] == 3  # settled before it exited
+    once_each(fake, ids)
+
+
 def test_posts_in_flight_at_the_drain_deadline_finish_and_are_not_sent_twice(fake, box):
     fake.hang(None)
     ids = spool_in(box, [exchange() for _ in range(5)])

@@ -62,7 +62,7 @@ def wait_log(proxy: Mitmdump, text: str, timeout: float = 20) -> None:
 
 def delivered_once(r4u, tag: str, n: int, timeout: float = 60, resent_ok: bool = False) -> list[dict]:
     """Wait for n distinct traces tagged `tag`; each trace_id exactly once (or, with
-    `resent_ok`, re-sends of the identical record: posts in flight at a stop are sent again)."""
+    `resent_ok`, re-sends of the identical record: posts cut by a killed deliverer are sent again)."""
     deadline = time.monotonic() + timeout
     while True:
         mine = [t for t in list(r4u.received) if t["metadata"].get("properties", {}).get("test") == tag]
@@ -133,14 +133,24 @@ def test_sigterm_with_r4u_down_keeps_traces_for_the_next_run(tmp_path, upstream,
 
 def test_sigint_drains_pending_traces_before_exit(tmp_path, upstream, r4u_later, monkeypatch, tag):
     r4u_later.start()
-    r4u_later.hang(1.5)  # R4U slow: posts are still in flight when the proxy is asked to stop
     proxy = Mitmdump(tmp_path, r4u_url=r4u_later.url, upstream_port=upstream.port,
                      options={"r4u_drain_seconds": 10}).start()
+    deadline = time.monotonic() + 20
+    while proxy.deliverer_pid() is None or not r4u_later.requests:  # its start-up probe was answered
+        assert time.monotonic() < deadline, "the deliverer did not start"
+        time.sleep(0.05)
+    r4u_later.hang(3.0)  # R4U slow: posts are still in flight when the proxy is asked to stop
+    before = r4u_later.requests
     make_exchanges(use_proxy(monkeypatch, proxy), tag, 3)
-    proxy.stop(signal.SIGINT)
-    r4u_later.clear_faults()
-    delivered_once(r4u_later, tag, 3, timeout=15, resent_ok=True)  # held posts were in flight at the stop
-    assert read_stats(proxy.outbox)["pending"] == 0
+    while r4u_later.requests == before:
+        assert time.monotonic() < deadline, "no post reached R4U"
+        time.sleep(0.02)
+    proxy.stop(signal.SIGINT)  # mitmdump exits at once; its deliverer goes on
+    delivered_once(r4u_later, tag, 3, timeout=15)  # posts in flight at the stop finish: none is sent twice
+    deadline = time.monotonic() + 10
+    while read_stats(proxy.outbox)["pending"]:
+        assert time.monotonic() < deadline, read_stats(proxy.outbox)
+        time.sleep(0.05)
 
 
 def test_status_command_line(tmp_path, upstream, r4u_later, monkeypatch, tag):
