@@ -8,6 +8,8 @@ out to mitmproxy (a failure of the tracer must never change what the client gets
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import functools
 import logging
 import os
@@ -22,8 +24,9 @@ from mitmproxy import command, ctx, exceptions, hooks, http
 
 from r4u_mitm import contentview, providers
 from r4u_mitm.flows import freeze, pop_tags, skip_requested
+from r4u_mitm.outbox import OutboxError
 from r4u_mitm.record import build_record
-from r4u_mitm.sender import Delivery
+from r4u_mitm.sender import Delivery, SetupError
 from r4u_mitm.tap import Tap
 
 log = logging.getLogger("r4u_mitm")
@@ -33,7 +36,7 @@ FLOWS_FOLLOWED = 10_000  # traced flows whose comment follows their delivery (mo
 # What mitmweb's SSE view shows of a trace, copied from the record's metadata.
 WIRE_FIELDS = ("provider", "ttfb_ms", "ttft_ms", "duration_ms", "events", "response_bytes", "stream_complete",
                "truncated")
-DELIVERY_OPTIONS = {"r4u_api_url", "r4u_outbox", "r4u_ca_file", "r4u_outbox_max_records", "r4u_outbox_max_mb"}
+SETTING_OPTIONS = {"api_url": "r4u_api_url", "ca_file": "r4u_ca_file"}  # a delivery's SetupError → the option
 
 
 class _Trace:
@@ -68,6 +71,8 @@ class R4UTracer:
     def __init__(self) -> None:
         self.rules = providers.parse_host_rules(providers.DEFAULT_HOSTS)
         self.delivery: Delivery | None = None
+        self.delivery_settings: dict | None = None  # what self.delivery was made from
+        self.configured = False
         self.open: dict[str, _Trace] = {}
         self.followed: OrderedDict[str, tuple[weakref.ref, bool]] = OrderedDict()
         self.internal_errors = 0
@@ -76,6 +81,7 @@ class R4UTracer:
 
     def load(self, loader) -> None:
         contentview.register()  # mitmweb's view for event streams; once, whatever reloads the script
+        self._check_loaded_soon()
         loader.add_option(
             "r4u_api_url", str, os.environ.get("R4U_API_URL", "http://localhost:8000"),
             "R4U's base URL; traces are posted to {r4u_api_url}/v1/http-traces. "
@@ -110,6 +116,13 @@ class R4UTracer:
             "(authorization, api keys, cookies and the like always are).",
         )
         loader.add_option(
+            "r4u_redact_body_keys", Sequence[str], [],
+            "More JSON member names whose values are replaced by \"[REDACTED]\" in request and response "
+            "bodies and stream events (api_key, client_secret, password, access_token and the like always "
+            "are). Matched ignoring ASCII case, with '_', '-' or nothing between words: my_token also "
+            "takes myToken and MY-TOKEN.",
+        )
+        loader.add_option(
             "r4u_drain_seconds", int, 5,
             "On shutdown, how long to keep delivering pending traces; what is left stays in the outbox.",
         )
@@ -119,6 +132,7 @@ class R4UTracer:
         )
 
     def configure(self, updated: set[str]) -> None:
+        self.configured = True
         opts = ctx.options
         if "r4u_hosts" in updated:
             try:
@@ -130,29 +144,64 @@ class R4UTracer:
                 raise exceptions.OptionsError(f"{name} must be a positive number, not {getattr(opts, name)}")
         if "r4u_drain_seconds" in updated and opts.r4u_drain_seconds < 0:
             raise exceptions.OptionsError("r4u_drain_seconds must be 0 or more")
-        if "r4u_api_url" in updated and not opts.r4u_api_url.startswith(("http://", "https://")):
-            raise exceptions.OptionsError(f"r4u_api_url must be an http:// or https:// URL, not {opts.r4u_api_url!r}")
-        if "r4u_ca_file" in updated and opts.r4u_ca_file and not os.path.isfile(opts.r4u_ca_file):
-            raise exceptions.OptionsError(f"r4u_ca_file: no such file: {opts.r4u_ca_file}")
-        if updated & DELIVERY_OPTIONS or self.delivery is None:
-            self._replace_delivery()
+        self._replace_delivery()
 
     def _replace_delivery(self) -> None:
+        """Make the delivery the options describe when they changed, then stop the old one.
+        Options it cannot work with (a malformed URL, a bad CA file, an outbox that cannot be
+        written or is not one) raise OptionsError and leave the working delivery in place:
+        mitmproxy refuses to start, or refuses the change and rolls the options back (which
+        comes here again, with the settings in use)."""
         opts = ctx.options
-        if self.delivery is not None:
-            self.delivery.stop(None)
         outbox = opts.r4u_outbox or os.path.join(os.path.expanduser(opts.confdir), OUTBOX_NAME)
-        self.delivery = Delivery(
+        settings = dict(
             api_url=opts.r4u_api_url,
             api_key=os.environ.get("R4U_API_KEY") or None,
             outbox_path=Path(outbox),
             max_records=opts.r4u_outbox_max_records,
             max_bytes=opts.r4u_outbox_max_mb * 1024 * 1024,
             ca_file=opts.r4u_ca_file,
-            on_outcome=self._delivery_outcome,
         )
+        if self.delivery is not None and settings == self.delivery_settings:
+            return
+        try:
+            delivery = Delivery(**settings, on_outcome=self._delivery_outcome)
+        except SetupError as exc:
+            raise exceptions.OptionsError(f"{SETTING_OPTIONS[exc.setting]}: {exc}") from None
+        except OutboxError as exc:
+            hint = " (set r4u_outbox or confdir to a writable place)" if isinstance(exc.__cause__, OSError) else ""
+            raise exceptions.OptionsError(f"r4u_outbox: {exc}{hint}") from None
+        old, self.delivery, self.delivery_settings = self.delivery, delivery, settings
+        if old is not None:
+            old.stop(None)
         if self.running_:
-            self.delivery.start()
+            delivery.start()
+
+    def _check_loaded_soon(self) -> None:
+        """mitmproxy drops this addon without a word when it cannot read an `--set r4u_...`
+        value given at startup (a number option given something else, an option given twice),
+        and runs on, tracing nothing. Once loading is over (the next turn of the event loop),
+        say so loudly: mitmproxy then exits, as for any error logged during its startup."""
+        try:
+            asyncio.get_running_loop().call_soon(self._loaded_or_not)
+        except RuntimeError:  # no event loop: mitmproxy's test helpers, not a proxy
+            pass
+
+    def _loaded_or_not(self) -> None:
+        if self.configured:
+            return
+        probe = copy.deepcopy(ctx.options)  # mitmproxy's own parser, on a copy nobody listens to
+        unread = []
+        for name, value in ctx.options.deferred.items():
+            if not name.startswith("r4u_"):
+                continue
+            try:
+                probe.set(*(f"{name}={v}" for v in getattr(value, "val", [value])))
+            except exceptions.OptionsError:  # (its message may hold the value: a URL with a password)
+                unread.append(name)
+        log.error("r4u-mitm is NOT running, nothing is traced: mitmproxy could not read --set %s (a number "
+                  "option given something else, or an option given twice) and dropped the addon; fix it and "
+                  "restart", " or ".join(unread) or "r4u_...")
 
     def _count_error(self, where: str, flow_id: str, what: str) -> None:
         self.internal_errors += 1
@@ -161,6 +210,9 @@ class R4UTracer:
 
     def running(self) -> None:
         self.running_ = True
+        if self.delivery is None:  # its options were refused: trace nothing rather than into the void
+            log.error("r4u-mitm is NOT tracing: its options were refused (the error above says why)")
+            return
         self.delivery.start()
         log.info("r4u-mitm loaded: tracing %s -> %s", ", ".join(ctx.options.r4u_hosts), self.delivery.shown_url)
 
@@ -180,11 +232,9 @@ class R4UTracer:
 
     @guarded
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        properties = pop_tags(flow.request.headers)  # the app's tags never go upstream, traced or not
         provider = self.rules.match(flow.request.pretty_host, flow.request.port)
-        if provider is None:
-            return
-        properties = pop_tags(flow.request.headers)
-        if skip_requested(properties):
+        if provider is None or self.delivery is None or skip_requested(properties):
             return
         trace = _Trace(flow, provider, properties)
         self.open[flow.id] = trace
@@ -225,11 +275,15 @@ class R4UTracer:
     @staticmethod
     def _restore_body(flow: http.HTTPFlow, trace: _Trace) -> None:
         """Put a teed stream back into the flow when someone will look at it: mitmweb or the
-        console (their `view` addon), or a `save_stream_file`. mitmdump alone drops flows, so
-        there it would only cost a copy of the body on the event loop."""
-        if trace.tap is None or trace.tap.truncated or flow.response is None:
+        console (their `view` addon), a `save_stream_file`, or anyone once `store_streamed_bodies`
+        is set. mitmdump alone drops flows, so there it would only cost a copy of the body on the
+        event loop. With `store_streamed_bodies` mitmproxy keeps the body itself, but only of a
+        response that ended well (not when the client hung up): then it is there already."""
+        if trace.tap is None or trace.tap.truncated or flow.response is None or flow.response.raw_content is not None:
             return
-        if ctx.master.addons.get("view") is not None or getattr(ctx.options, "save_stream_file", None):
+        opts = ctx.options  # (mitmproxy's test helpers have neither option)
+        if (getattr(opts, "store_streamed_bodies", False) or getattr(opts, "save_stream_file", None)
+                or ctx.master.addons.get("view") is not None):
             flow.response.raw_content = b"".join(trace.tap.pieces)
 
     @guarded
@@ -248,7 +302,7 @@ class R4UTracer:
         opts = ctx.options
         self.delivery.submit(functools.partial(
             _build_and_note, wire, exchange, max_body_bytes=opts.r4u_max_body_bytes,
-            redact=tuple(opts.r4u_redact_headers),
+            redact=tuple(opts.r4u_redact_headers), redact_body_keys=tuple(opts.r4u_redact_body_keys),
         ), trace_id=trace.trace_id)
 
     @guarded

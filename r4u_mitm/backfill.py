@@ -28,21 +28,22 @@ DEFAULT_OUTBOX = Path("~/.mitmproxy/r4u-outbox.sqlite")
 TRACE_NAMESPACE = uuid.UUID("6f1c9a52-0d7e-4d4b-9a3e-5b2f0e1c7a11")
 
 
-def submit_flows(path: Path, delivery: Delivery, rules: providers.HostRules, *, max_body_bytes: int,
-                 progress=None) -> tuple[int, int]:
-    """Read `path` and submit a record for each matching HTTP flow: (flows read, traced)."""
+def submit_flows(path: Path, delivery: Delivery, rules: providers.HostRules, *, progress=None,
+                 **record_options) -> tuple[int, int]:
+    """Read `path` and submit a record for each matching HTTP flow: (flows read, traced).
+    `record_options` go to `build_record` (max_body_bytes, redact, redact_body_keys)."""
     read = traced = 0
     with open(path, "rb") as f:
         for flow in io.FlowReader(f).stream():
             read += 1
-            if isinstance(flow, http.HTTPFlow) and _submit(flow, delivery, rules, max_body_bytes):
+            if isinstance(flow, http.HTTPFlow) and _submit(flow, delivery, rules, record_options):
                 traced += 1
             if progress:
                 progress(read, traced)
     return read, traced
 
 
-def _submit(flow: http.HTTPFlow, delivery: Delivery, rules: providers.HostRules, max_body_bytes: int) -> bool:
+def _submit(flow: http.HTTPFlow, delivery: Delivery, rules: providers.HostRules, record_options: dict) -> bool:
     provider = rules.match(flow.request.pretty_host, flow.request.port)
     if provider is None:
         return False
@@ -51,7 +52,7 @@ def _submit(flow: http.HTTPFlow, delivery: Delivery, rules: providers.HostRules,
         return False
     trace_id = flow.metadata.get("r4u.trace_id") or str(uuid.uuid5(TRACE_NAMESPACE, flow.id))
     exchange = freeze(flow, trace_id=trace_id, provider=provider, properties=properties)
-    delivery.submit(functools.partial(build_record, exchange, max_body_bytes=max_body_bytes))
+    delivery.submit(functools.partial(build_record, exchange, **record_options))
     return True
 
 
@@ -65,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hosts", nargs="+", default=list(providers.DEFAULT_HOSTS),
                         help="hosts to trace, as r4u_hosts (default: %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
+    parser.add_argument("--redact-headers", nargs="+", action="extend", default=[], metavar="NAME",
+                        help="more header names to redact, as r4u_redact_headers")
+    parser.add_argument("--redact-body-keys", nargs="+", action="extend", default=[], metavar="NAME",
+                        help="more JSON member names to redact in bodies, as r4u_redact_body_keys")
     parser.add_argument("--wait", type=float, default=60.0,
                         help="seconds to wait for R4U to take the traces; the rest stays in the outbox")
     args = parser.parse_args(argv)
@@ -92,7 +97,8 @@ async def _run(args, delivery: Delivery, rules: providers.HostRules) -> tuple[in
 
     settled = ("delivered", "dead_lettered", "dropped")
     before = await asyncio.to_thread(delivery.status)
-    read, traced = submit_flows(args.flows, delivery, rules, max_body_bytes=args.max_body_bytes, progress=progress)
+    read, traced = submit_flows(args.flows, delivery, rules, progress=progress, max_body_bytes=args.max_body_bytes,
+                                redact=tuple(args.redact_headers), redact_body_keys=tuple(args.redact_body_keys))
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
         status = await asyncio.to_thread(delivery.status)

@@ -16,13 +16,14 @@ is settled or released; a new process starts with no claims, so whatever an earl
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
+
+from r4u_mitm.recordjson import encode_record
 
 __all__ = ["Outbox", "OutboxClosed", "OutboxError", "read_stats", "DEFAULT_MAX_RECORDS", "DEFAULT_MAX_BYTES"]
 
@@ -93,11 +94,7 @@ class OutboxClosed(RuntimeError):
 
 def encode(record: dict) -> bytes:
     """The record as it is stored and sent: compact JSON, UTF-8, serialized once."""
-    text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: escape it, the JSON stays faithful
-        return json.dumps(record, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return encode_record(record)
 
 
 class Outbox:
@@ -121,13 +118,21 @@ class Outbox:
         self.max_dead_bytes = max(1, max_bytes // 10)
         self._lock = threading.Lock()
         self._claimed: set[int] = set()
+        existed = self.path.exists()
         try:
             _create_private(self.path)
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
-        except (OSError, sqlite3.Error) as exc:
-            raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from exc
+        except OSError as exc:
+            raise OutboxError(f"cannot {'open' if existed else 'create'} {self.path}: {exc.strerror or exc}") from exc
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot open {self.path}: {exc}") from exc
         try:
             db.execute("PRAGMA busy_timeout = 10000")
+            # Someone else's database is left as it is (before any PRAGMA below changes it);
+            # one statement, one snapshot: another process may be creating our schema right now.
+            if db.execute("SELECT (SELECT user_version FROM pragma_user_version) = 0 "
+                          "AND EXISTS (SELECT 1 FROM sqlite_master)").fetchone()[0]:
+                raise OutboxError(f"{self.path} is not an r4u-mitm outbox (a SQLite database of something else)")
             # auto_vacuum only takes on a new file, before any table: it lets the file shrink.
             db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -145,7 +150,9 @@ class Outbox:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             db.close()
-            raise OutboxError(f"cannot use the outbox {self.path}: {exc}") from exc
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_NOTADB:
+                raise OutboxError(f"{self.path} is not an r4u-mitm outbox (not a SQLite database)") from exc
+            raise OutboxError(f"cannot use {self.path}: {exc}") from exc
         except BaseException:
             db.close()
             raise

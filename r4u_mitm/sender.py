@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import re
 import ssl
 import threading
 import time
@@ -35,12 +36,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from r4u_mitm import http1
 from r4u_mitm.outbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_RECORDS, Outbox, OutboxClosed, read_stats
 
-__all__ = ["Delivery", "traces_urls", "parse_retry_after", "rejection_reason"]
+__all__ = ["Delivery", "SetupError", "traces_urls", "parse_retry_after", "rejection_reason"]
 
 log = logging.getLogger("r4u_mitm")
 
@@ -53,6 +54,7 @@ NOT_THE_RECORD = frozenset({401, 403, 404, 405, 407})
 COMMIT_GATHER = 0.02            # seconds the committer waits for outcomes to pile up
 JSON_BODY = {"Content-Type": "application/json"}
 DROP_LOG_EVERY = 10.0            # seconds between two "outbox full" warnings (the count is summed)
+_USERINFO = re.compile(r"^([^:/?#]*:)?//[^/?#]*@")  # user:password@ in a URL
 
 
 def traces_urls(api_url: str) -> tuple[str, str, str]:
@@ -123,21 +125,49 @@ def _describe(exc: BaseException, timeout: float) -> str:
     return f"{type(exc).__name__}: {text}"[:REASON_MAX] if text else type(exc).__name__
 
 
+class SetupError(ValueError):
+    """A Delivery cannot be made with these settings: `setting` ("api_url" or "ca_file") names
+    the one at fault, the message says why. (An unusable outbox raises `OutboxError`.)"""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
 def _safe_url(url: str) -> str:
-    """The URL without any user:password in it (for logs)."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The URL without any user:password in it (for logs and errors; a malformed URL too)."""
+    return _USERINFO.sub(r"\1//", url, count=1)
+
+
+def _check_api_url(api_url: str) -> None:
+    """R4U's base URL must be absolute http(s), with a host and a valid port (else SetupError)."""
+    shown = repr(_safe_url(api_url))
+    try:
+        parts = urlsplit(api_url)
+    except ValueError as exc:  # e.g. an unbalanced [ in the host
+        raise SetupError("api_url", f"invalid URL {shown}: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise SetupError("api_url", f"must be an http:// or https:// URL, not {shown}")
+    if not parts.hostname:
+        raise SetupError("api_url", f"no host in {shown}")
+    try:
+        parts.port
+    except ValueError:
+        raise SetupError("api_url", f"invalid port in {shown}") from None
 
 
 def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
     """Verify R4U's certificate with `ca_file`, else the system's store (certifi's when the
-    system has none, e.g. some macOS Pythons). Never unverified."""
+    system has none, e.g. some macOS Pythons). Never unverified. A `ca_file` that cannot be
+    read or holds no PEM certificate is a SetupError."""
     if ca_file:
-        return ssl.create_default_context(cafile=ca_file)
+        try:
+            return ssl.create_default_context(cafile=ca_file)
+        except ssl.SSLError as exc:  # before OSError: it is one
+            reason = str(exc.strerror or exc).split(" (_ssl.c:")[0]
+            raise SetupError("ca_file", f"{ca_file} is not a PEM CA bundle: {reason}") from None
+        except OSError as exc:
+            raise SetupError("ca_file", f"cannot read {ca_file}: {exc.strerror or exc}") from None
     context = ssl.create_default_context()
     if not context.cert_store_stats().get("x509_ca"):
         try:
@@ -518,6 +548,7 @@ class Delivery:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.api_url = api_url
+        _check_api_url(api_url.strip())
         self.base_url, post_url, probe_url = traces_urls(api_url)
         self._post_url, self._probe_url = http1.URL(post_url), http1.URL(probe_url)  # parsed once
         self.shown_url = _safe_url(self.base_url)

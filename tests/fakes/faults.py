@@ -15,7 +15,8 @@ Faults (each raises `RuntimeError("injected fault: <name>")` where it says):
     freeze          flows.freeze as the addon calls it              -> addon `response`/`error` hooks
     submit          sender.Delivery.submit                          -> addon `response`/`error` hooks
     build_record    record.build_record as the addon calls it       -> the delivery's store thread
-    sse_feed        sse.SSEDecoder.feed                             -> record building (store thread)
+    sse_feed        sse.SSEDecoder.feed, with the fast path off     -> record building (store thread)
+    fast_read       fastpath.read_stream (the usual chat stream)    -> record building (store thread)
     stream_summary  providers.stream_summary                        -> record building (store thread)
     body_summary    providers.body_summary                          -> record building (store thread)
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 from mitmproxy import ctx, http
 
-from r4u_mitm import providers, sender, sse
+from r4u_mitm import fastpath, providers, sender, sse
 
 CONTROL_HOST = "r4u-faults.test"
 
@@ -98,7 +99,10 @@ class Faults:
         elif fault == "build_record":
             self._set(addon_globals, "build_record", boom)
         elif fault == "sse_feed":
+            self._set(fastpath.__dict__, "applies", lambda *args: False)  # the full parser reads every stream
             self._set(sse.SSEDecoder, "feed", boom)
+        elif fault == "fast_read":
+            self._set(fastpath.__dict__, "read_stream", boom)
         elif fault == "stream_summary":
             self._set(providers.__dict__, "stream_summary", boom)
         elif fault == "body_summary":
