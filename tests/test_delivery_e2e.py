@@ -13,7 +13,7 @@ import pytest
 
 from r4u_mitm.outbox import read_stats
 from tests.conftest import SECRET, headers
-from tests.harness import Mitmdump, free_port
+from tests.harness import Mitmdump, free_port, wait_for
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -46,32 +46,34 @@ def make_exchanges(client: openai.OpenAI, tag: str, n: int) -> None:
                                                   extra_headers=headers(tag)).choices
 
 
-def wait_pending(outbox, n: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while read_stats(outbox)["pending"] < n:
-        assert time.monotonic() < deadline, f"outbox holds {read_stats(outbox)['pending']} of {n}"
-        time.sleep(0.05)
+def wait_pending(outbox, n: int) -> None:
+    wait_for(lambda: read_stats(outbox)["pending"] >= n, what=f"{n} traces in the outbox")
 
 
-def delivered_once(r4u, tag: str, n: int, timeout: float = 60, resent_ok: bool = False) -> list[dict]:
-    """Wait for n distinct traces tagged `tag`; each trace_id exactly once (or, with
-    `resent_ok`, re-sends of the identical record: posts in flight at a stop are sent again)."""
+def delivered_once(r4u, tag: str, n: int, outbox, timeout: float = 60, resent_ok: bool = False) -> list[dict]:
+    """Wait for n distinct traces tagged `tag` and for the outbox file `outbox` to be empty (every
+    record stored was settled: no post of one can come any more). Then each trace_id is there
+    exactly once (or, with `resent_ok`, re-sends of the identical record: posts in flight at a
+    stop are sent again)."""
+
+    def mine() -> list[dict]:
+        return [t for t in list(r4u.received) if t["metadata"].get("properties", {}).get("test") == tag]
+
     deadline = time.monotonic() + timeout
-    while True:
-        mine = [t for t in list(r4u.received) if t["metadata"].get("properties", {}).get("test") == tag]
-        if len({t["metadata"]["trace_id"] for t in mine}) >= n or time.monotonic() > deadline:
+    while len({t["metadata"]["trace_id"] for t in mine()}) < n or read_stats(outbox)["pending"]:
+        if time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    time.sleep(0.5)
-    mine = [t for t in list(r4u.received) if t["metadata"].get("properties", {}).get("test") == tag]
-    counts = collections.Counter(t["metadata"]["trace_id"] for t in mine)
-    assert len(counts) == n, f"R4U got {len(counts)} of {n} traces"
+    pending = read_stats(outbox)["pending"]
+    traces = mine()
+    counts = collections.Counter(t["metadata"]["trace_id"] for t in traces)
+    assert len(counts) == n and pending == 0, f"R4U got {len(counts)} of {n} traces; {pending} still in the outbox"
     if resent_ok:
-        first = {t["metadata"]["trace_id"]: t for t in reversed(mine)}
-        assert all(t == first[t["metadata"]["trace_id"]] for t in mine), "a re-send differs"
+        first = {t["metadata"]["trace_id"]: t for t in reversed(traces)}
+        assert all(t == first[t["metadata"]["trace_id"]] for t in traces), "a re-send differs"
     else:
         assert set(counts.values()) == {1}, f"duplicates: {counts}"
-    return mine
+    return traces
 
 
 def test_r4u_down_at_start_then_up(tmp_path, upstream, r4u_later, monkeypatch, tag):
@@ -79,10 +81,9 @@ def test_r4u_down_at_start_then_up(tmp_path, upstream, r4u_later, monkeypatch, t
         client = use_proxy(monkeypatch, proxy)
         make_exchanges(client, tag, 4)
         wait_pending(proxy.outbox, 4)
-        assert "R4U is not answering" in proxy.log()
+        wait_for(lambda: "R4U is not answering" in proxy.log(), what="the warning that R4U is down")
         r4u_later.start()
-        delivered_once(r4u_later, tag, 4)
-        assert read_stats(proxy.outbox)["pending"] == 0
+        delivered_once(r4u_later, tag, 4, proxy.outbox)
 
 
 def test_r4u_failing_then_rejecting_one(tmp_path, upstream, r4u_later, monkeypatch, tag):
@@ -93,10 +94,8 @@ def test_r4u_failing_then_rejecting_one(tmp_path, upstream, r4u_later, monkeypat
         client = use_proxy(monkeypatch, proxy)
         make_exchanges(client, tag, 4)
         client.models.list(extra_headers=headers(tag))  # the poison record
-        delivered_once(r4u_later, tag, 4)
-        deadline = time.monotonic() + 20
-        while read_stats(proxy.outbox)["dead_lettered"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        delivered_once(r4u_later, tag, 4, proxy.outbox)
+        wait_for(lambda: read_stats(proxy.outbox)["dead_lettered"], what="the poison record dead-lettered")
         stats = read_stats(proxy.outbox)
         assert stats["dead_lettered"] == 1 and stats["pending"] == 0 and stats["retried"] >= 3
 
@@ -109,19 +108,19 @@ def test_kill_9_with_traces_pending_then_restart(tmp_path, upstream, r4u_later, 
     finally:
         proxy.kill()
     r4u_later.start()
-    with Mitmdump(tmp_path, r4u_url=r4u_later.url, upstream_port=upstream.port):
-        delivered_once(r4u_later, tag, 4)
+    with Mitmdump(tmp_path, r4u_url=r4u_later.url, upstream_port=upstream.port) as again:
+        delivered_once(r4u_later, tag, 4, again.outbox)
 
 
 def test_sigterm_with_r4u_down_keeps_traces_for_the_next_run(tmp_path, upstream, r4u_later, monkeypatch, tag):
     proxy = Mitmdump(tmp_path, r4u_url=r4u_later.url, upstream_port=upstream.port).start()
     make_exchanges(use_proxy(monkeypatch, proxy), tag, 3)
-    assert proxy.stop(signal.SIGTERM) is not None
+    assert proxy.stop(signal.SIGTERM) == 0  # a clean exit
     assert read_stats(proxy.outbox)["pending"] == 3
     assert "stay in" in proxy.log()
     r4u_later.start()
-    with Mitmdump(tmp_path, r4u_url=r4u_later.url, upstream_port=upstream.port):
-        delivered_once(r4u_later, tag, 3)
+    with Mitmdump(tmp_path, r4u_url=r4u_later.url, upstream_port=upstream.port) as again:
+        delivered_once(r4u_later, tag, 3, again.outbox)
 
 
 def test_sigint_drains_pending_traces_before_exit(tmp_path, upstream, r4u_later, monkeypatch, tag):
@@ -130,10 +129,9 @@ def test_sigint_drains_pending_traces_before_exit(tmp_path, upstream, r4u_later,
     proxy = Mitmdump(tmp_path, r4u_url=r4u_later.url, upstream_port=upstream.port,
                      options={"r4u_drain_seconds": 10}).start()
     make_exchanges(use_proxy(monkeypatch, proxy), tag, 3)
-    proxy.stop(signal.SIGINT)
+    assert proxy.stop(signal.SIGINT) == 0
     r4u_later.clear_faults()
-    delivered_once(r4u_later, tag, 3, timeout=15, resent_ok=True)  # held posts were in flight at the stop
-    assert read_stats(proxy.outbox)["pending"] == 0
+    delivered_once(r4u_later, tag, 3, proxy.outbox, timeout=15, resent_ok=True)  # held posts were in flight at the stop
 
 
 def test_status_command_line(tmp_path, upstream, r4u_later, monkeypatch, tag):

@@ -7,9 +7,11 @@ import stat
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
+from r4u_mitm import outbox as outbox_module
 from r4u_mitm.outbox import Outbox, OutboxClosed, OutboxError, encode, read_stats
 
 
@@ -202,17 +204,24 @@ def test_closed_outbox_says_so(path):
         box.put("t1", record(1))
 
 
-def test_read_stats_reads_without_creating_anything(path, tmp_path):
+def test_read_stats_reads_without_creating_anything(path, tmp_path, monkeypatch):
+    now = [1_700_000_000.0]  # the outbox's wall clock, set by the test
+    monkeypatch.setattr(outbox_module, "time", SimpleNamespace(time=lambda: now[0]))
     with Outbox(path) as box:
-        put(box, 1, 2)
+        put(box, 1)
+        now[0] += 10
+        put(box, 2)
         box.settle(delivered=[box.claim(1)[0][0]])
+        now[0] += 2.5
         live = read_stats(path)  # while the outbox is open (a proxy running)
         assert live["pending"] == 1 and live["delivered"] == 1
+        assert live["oldest_pending_age_s"] == 2.5  # t2's age: t1, older, was delivered
     before = sorted(os.listdir(path.parent))
+    now[0] += 30
     stats = read_stats(path)
     assert sorted(os.listdir(path.parent)) == before == ["outbox.sqlite"]
     assert stats["pending"] == 1 and stats["delivered"] == 1 and stats["outbox"] == str(path)
-    assert stats["oldest_pending_age_s"] >= 0
+    assert stats["oldest_pending_age_s"] == 32.5
     with pytest.raises(FileNotFoundError):
         read_stats(tmp_path / "nothing.sqlite")
     assert not (tmp_path / "nothing.sqlite").exists()
@@ -226,5 +235,22 @@ def test_bounds_must_be_positive(path):
 def test_a_file_that_is_not_an_outbox_says_so(tmp_path):
     path = tmp_path / "outbox.sqlite"
     path.write_bytes(b"this is not a database at all" * 100)
-    with pytest.raises(OutboxError, match="cannot use the outbox"):
+    with pytest.raises(OutboxError, match=r"is not an r4u-mitm outbox \(not a SQLite database\)$"):
         Outbox(path)
+    assert path.read_bytes() == b"this is not a database at all" * 100
+
+
+def test_someone_elses_database_is_left_alone(tmp_path):
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE pending (x)")
+    before = path.read_bytes()
+    with pytest.raises(OutboxError, match=r"is not an r4u-mitm outbox \(a SQLite database of something else\)$"):
+        Outbox(path)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["app.db"]  # not even a -wal file
+
+
+def test_a_place_that_cannot_be_written_says_so(tmp_path):
+    with pytest.raises(OutboxError, match="^cannot create /proc/r4u/outbox.sqlite: No such file or directory$") as err:
+        Outbox("/proc/r4u/outbox.sqlite")
+    assert isinstance(err.value.__cause__, OSError)
