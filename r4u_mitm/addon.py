@@ -10,6 +10,8 @@ change what the client gets).
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import functools
 import logging
 import os
@@ -21,10 +23,11 @@ from typing import Optional
 from mitmproxy import command, ctx, exceptions, hooks, http
 
 from r4u_mitm import contentview, providers, supervisor
+from r4u_mitm.deliver import ssl_context
 from r4u_mitm.flows import Trace, freeze, pop_tags, skip_requested
-from r4u_mitm.policy import safe_url, traces_urls
+from r4u_mitm.policy import SetupError, check_api_url, safe_url, traces_urls
 from r4u_mitm.record import WIRE_FIELDS
-from r4u_mitm.spool import read_stats
+from r4u_mitm.spool import Spool, SpoolError, read_stats
 from r4u_mitm.tap import Tap
 
 log = logging.getLogger("r4u_mitm")
@@ -53,10 +56,12 @@ def guarded(hook):
 class R4UTracer:
     def __init__(self) -> None:
         self.rules = providers.parse_host_rules(providers.DEFAULT_HOSTS)
-        self.link: supervisor.Link | None = None
+        self.link: supervisor.Link | None = None  # None: not configured, or its options were refused
+        self.configured = False
 
     def load(self, loader) -> None:
         contentview.register()  # mitmweb's view for event streams; once, whatever reloads the script
+        self._check_loaded_soon()
         loader.add_option(
             "r4u_api_url", str, os.environ.get("R4U_API_URL", "http://localhost:8000"),
             "R4U's base URL; traces are posted to {r4u_api_url}/v1/http-traces. "
@@ -91,6 +96,13 @@ class R4UTracer:
             "(authorization, api keys, cookies and the like always are).",
         )
         loader.add_option(
+            "r4u_redact_body_keys", Sequence[str], [],
+            "More JSON member names whose values are replaced by \"[REDACTED]\" in request and response "
+            "bodies and stream events (api_key, client_secret, password, access_token and the like always "
+            "are). Matched ignoring ASCII case, with '_', '-' or nothing between words: my_token also "
+            "takes myToken and MY-TOKEN.",
+        )
+        loader.add_option(
             "r4u_drain_seconds", int, 5,
             "When the proxy stops, how long its delivery process goes on delivering pending traces; "
             "what is left stays in the outbox for the next start.",
@@ -106,6 +118,7 @@ class R4UTracer:
         )
 
     def configure(self, updated: set[str]) -> None:
+        self.configured = True
         opts = ctx.options
         if "r4u_hosts" in updated:
             try:
@@ -117,11 +130,20 @@ class R4UTracer:
                 raise exceptions.OptionsError(f"{name} must be a positive number, not {getattr(opts, name)}")
         if "r4u_drain_seconds" in updated and opts.r4u_drain_seconds < 0:
             raise exceptions.OptionsError("r4u_drain_seconds must be 0 or more")
-        if "r4u_api_url" in updated and not opts.r4u_api_url.startswith(("http://", "https://")):
-            raise exceptions.OptionsError(f"r4u_api_url must be an http:// or https:// URL, not {opts.r4u_api_url!r}")
-        if "r4u_ca_file" in updated and opts.r4u_ca_file and not os.path.isfile(opts.r4u_ca_file):
-            raise exceptions.OptionsError(f"r4u_ca_file: no such file: {opts.r4u_ca_file}")
+        try:
+            if "r4u_api_url" in updated:
+                check_api_url(opts.r4u_api_url.strip())
+            if "r4u_ca_file" in updated and opts.r4u_ca_file:
+                ssl_context(opts.r4u_ca_file)
+        except SetupError as exc:
+            raise exceptions.OptionsError(f"r4u_{exc.setting}: {exc}") from None
         path = Path(opts.r4u_outbox or os.path.join(os.path.expanduser(opts.confdir), OUTBOX_NAME)).expanduser()
+        if self.link is None or supervisor.link_key(path) != supervisor.link_key(self.link.path):
+            try:  # made (or checked) here, so that a spool nobody can use refuses the option at once
+                Spool(path).close()
+            except SpoolError as exc:
+                hint = " (set r4u_outbox or confdir to a writable place)" if isinstance(exc.__cause__, OSError) else ""
+                raise exceptions.OptionsError(f"r4u_outbox: {exc}{hint}") from None
         link = supervisor.link(path)
         if self.link is not None and link is not self.link:  # another outbox: open flows go on there
             link.open.update(self.link.open)
@@ -151,7 +173,36 @@ class R4UTracer:
         if n <= 10 or n % 1000 == 0:
             log.error("r4u-mitm: internal error in %s (flow %s): %s", where, flow_id, what)
 
+    def _check_loaded_soon(self) -> None:
+        """mitmproxy drops this addon without a word when it cannot read an `--set r4u_...`
+        value given at startup (a number option given something else, an option given twice),
+        and runs on, tracing nothing. Once loading is over (the next turn of the event loop),
+        say so loudly: mitmproxy then exits, as for any error logged during its startup."""
+        try:
+            asyncio.get_running_loop().call_soon(self._loaded_or_not)
+        except RuntimeError:  # no event loop: mitmproxy's test helpers, not a proxy
+            pass
+
+    def _loaded_or_not(self) -> None:
+        if self.configured:
+            return
+        probe = copy.deepcopy(ctx.options)  # mitmproxy's own parser, on a copy nobody listens to
+        unread = []
+        for name, value in ctx.options.deferred.items():
+            if not name.startswith("r4u_"):
+                continue
+            try:
+                probe.set(*(f"{name}={v}" for v in getattr(value, "val", [value])))
+            except exceptions.OptionsError:  # (its message may hold the value: a URL with a password)
+                unread.append(name)
+        log.error("r4u-mitm is NOT running, nothing is traced: mitmproxy could not read --set %s (a number "
+                  "option given something else, or an option given twice) and dropped the addon; fix it and "
+                  "restart", " or ".join(unread) or "r4u_...")
+
     def running(self) -> None:
+        if self.link is None:  # its options were refused: trace nothing rather than into the void
+            log.error("r4u-mitm is NOT tracing: its options were refused (the error above says why)")
+            return
         self._start()
         shown = safe_url(traces_urls(ctx.options.r4u_api_url)[0])
         log.info("r4u-mitm loaded: tracing %s -> %s", ", ".join(ctx.options.r4u_hosts), shown)
@@ -183,11 +234,9 @@ class R4UTracer:
 
     @guarded
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        properties = pop_tags(flow.request.headers)  # the app's tags never go upstream, traced or not
         provider = self.rules.match(flow.request.pretty_host, flow.request.port)
-        if provider is None:
-            return
-        properties = pop_tags(flow.request.headers)
-        if skip_requested(properties):
+        if provider is None or self.link is None or skip_requested(properties):
             return
         trace = Trace(flow, provider, properties)
         self.link.open[flow.id] = trace
@@ -228,11 +277,15 @@ class R4UTracer:
     @staticmethod
     def _restore_body(flow: http.HTTPFlow, trace: Trace) -> None:
         """Put a teed stream back into the flow when someone will look at it: mitmweb or the
-        console (their `view` addon), or a `save_stream_file`. mitmdump alone drops flows, so
-        there it would only cost a copy of the body on the event loop."""
-        if trace.tap is None or trace.tap.truncated or flow.response is None:
+        console (their `view` addon), a `save_stream_file`, or anyone once `store_streamed_bodies`
+        is set. mitmdump alone drops flows, so there it would only cost a copy of the body on the
+        event loop. With `store_streamed_bodies` mitmproxy keeps the body itself, but only of a
+        response that ended well (not when the client hung up): then it is there already."""
+        if trace.tap is None or trace.tap.truncated or flow.response is None or flow.response.raw_content is not None:
             return
-        if ctx.master.addons.get("view") is not None or getattr(ctx.options, "save_stream_file", None):
+        opts = ctx.options  # (mitmproxy's test helpers have neither option)
+        if (getattr(opts, "store_streamed_bodies", False) or getattr(opts, "save_stream_file", None)
+                or ctx.master.addons.get("view") is not None):
             flow.response.raw_content = b"".join(trace.tap.pieces)
 
     @guarded
@@ -250,8 +303,8 @@ class R4UTracer:
         link = self.link
         link.traced += 1
         opts = ctx.options
-        link.append(exchange, {"max_body_bytes": opts.r4u_max_body_bytes,
-                                      "redact": list(opts.r4u_redact_headers)},
+        link.append(exchange, {"max_body_bytes": opts.r4u_max_body_bytes, "redact": list(opts.r4u_redact_headers),
+                               "redact_body_keys": list(opts.r4u_redact_body_keys)},
                            trace.tap.kept_bytes if trace.tap is not None else 0)
 
     @guarded

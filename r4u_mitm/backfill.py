@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hosts", nargs="+", default=list(providers.DEFAULT_HOSTS),
                         help="hosts to trace, as r4u_hosts (default: %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
+    parser.add_argument("--redact-headers", nargs="+", action="extend", default=[], metavar="NAME",
+                        help="more header names to redact, as r4u_redact_headers")
+    parser.add_argument("--redact-body-keys", nargs="+", action="extend", default=[], metavar="NAME",
+                        help="more JSON member names to redact in bodies, as r4u_redact_body_keys")
     parser.add_argument("--wait", type=float, default=60.0,
                         help="seconds to wait for R4U to take the traces; the rest stays in the outbox")
     args = parser.parse_args(argv)
@@ -93,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with Spool(path) as spool:
         read, added, skipped = spool_flows(args.flows, spool, rules, progress=progress,
-                                           options={"max_body_bytes": args.max_body_bytes, "redact": []})
+                                           options={"max_body_bytes": args.max_body_bytes,
+                                                    "redact": args.redact_headers,
+                                                    "redact_body_keys": args.redact_body_keys})
         print(f"\r{read} flows read, {len(added)} traced ({skipped} already in {path})", file=sys.stderr)
         # a deliverer for the spool: this one, or (standing by) the one a proxy runs already
         deliverer = supervisor.Deliverer(path, ["--r4u-url", args.r4u_url, "--drain-seconds", "0"],

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from r4u_mitm import policy, record, wake
+from r4u_mitm.recordjson import encode_record
 from r4u_mitm.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_RECORDS, Row, Spool, SpoolClosed, unpack
 
 log = logging.getLogger("r4u_mitm")
@@ -50,12 +51,8 @@ INLINE_BUILD = 64 * 1024  # bytes of bodies up to which a record is built on the
 
 
 def encode(rec: dict) -> bytes:
-    """The record as it is sent: compact JSON, UTF-8."""
-    text = json.dumps(rec, separators=(",", ":"), ensure_ascii=False)
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: escape it, the JSON stays faithful
-        return json.dumps(rec, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    """The record as it is sent: compact JSON, UTF-8, big strings in slices (see recordjson)."""
+    return encode_record(rec)
 
 
 def build(row: Row) -> tuple[bytes, dict | None]:
@@ -69,9 +66,16 @@ def build(row: Row) -> tuple[bytes, dict | None]:
 
 def ssl_context(ca_file: str | None) -> ssl.SSLContext:
     """Verify R4U's certificate with `ca_file`, else the system's store (certifi's when the
-    system has none). Never unverified."""
+    system has none). Never unverified. A `ca_file` that cannot be read or holds no PEM
+    certificate is a SetupError."""
     if ca_file:
-        return ssl.create_default_context(cafile=ca_file)
+        try:
+            return ssl.create_default_context(cafile=ca_file)
+        except ssl.SSLError as exc:  # before OSError: it is one
+            reason = str(exc.strerror or exc).split(" (_ssl.c:")[0]
+            raise policy.SetupError("ca_file", f"{ca_file} is not a PEM CA bundle: {reason}") from None
+        except OSError as exc:
+            raise policy.SetupError("ca_file", f"cannot read {ca_file}: {exc.strerror or exc}") from None
     context = ssl.create_default_context()
     if not context.cert_store_stats().get("x509_ca"):
         try:
@@ -581,8 +585,11 @@ def main(argv: list[str] | None = None) -> int:
 
     opts = parser().parse_args(argv)
     opts.outbox = opts.outbox or [os.environ.get("R4U_OUTBOX") or str(DEFAULT_OUTBOX)]
-    if not opts.r4u_url.startswith(("http://", "https://")):
-        print(f"r4u-mitm deliver: --r4u-url must be an http:// or https:// URL, not {opts.r4u_url!r}", file=sys.stderr)
+    try:
+        policy.check_api_url(opts.r4u_url.strip())
+        ssl_context(opts.ca_file)
+    except policy.SetupError as exc:
+        print(f"r4u-mitm deliver: --{exc.setting.replace('_', '-').replace('api-url', 'r4u-url')}: {exc}", file=sys.stderr)
         return 2
     channel = Channel(opts.parent)
     handler = _ChannelHandler(channel) if opts.parent else logging.StreamHandler()

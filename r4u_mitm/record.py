@@ -14,31 +14,16 @@ import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from r4u_mitm import providers
+from r4u_mitm import fastpath, providers
 from r4u_mitm.encoding import BodyDecoder, decode_body
+from r4u_mitm.redact import REDACTED, body_redactor, is_secret_header, redact_url
 from r4u_mitm.sse import SSEDecoder
 
-REDACTED = "[REDACTED]"
 GIL_YIELD_EVERY = 64  # pieces parsed between two voluntary releases of the GIL
 
 log = logging.getLogger("r4u_mitm")
 _parse_failures = itertools.count(1)
-
-# Header names whose values are secrets, whatever the provider. `SECRET_HEADER_PARTS` catches
-# the rest by name (`x-goog-api-key`, `x-auth-token`, ...) without taking useful headers such as
-# `x-ratelimit-remaining-tokens` (ends in `-tokens`, not `-token`).
-SECRET_HEADERS = frozenset({
-    "authorization", "proxy-authorization", "api-key", "x-api-key", "openai-api-key",
-    "anthropic-api-key", "cookie", "set-cookie",
-})
-SECRET_HEADER_PARTS = ("api-key", "apikey", "secret", "auth")
-SECRET_HEADER_SUFFIXES = ("-key", "-token")
-SECRET_QUERY_PARAMS = frozenset({
-    "api-key", "api_key", "apikey", "key", "token", "access_token", "sig", "signature", "secret",
-    "client_secret", "password",
-})
 
 # What mitmweb's event-stream view shows of a trace (copied from the metadata; the deliverer
 # sends them to the proxy with each outcome).
@@ -78,14 +63,18 @@ class Exchange:
     note: str | None = None
 
 
-def build_record(ex: Exchange, *, max_body_bytes: int, redact: Iterable[str] = ()) -> dict:
-    """The R4U record for `ex`, per the ingestion contract (see docs/record.md)."""
+def build_record(ex: Exchange, *, max_body_bytes: int, redact: Iterable[str] = (),
+                 redact_body_keys: Iterable[str] = ()) -> dict:
+    """The R4U record for `ex`, per the ingestion contract (see docs/record.md). `redact`: more
+    header names to redact; `redact_body_keys`: more JSON member names (see redact.py)."""
     extra = frozenset(name.lower() for name in redact)
+    redactor = body_redactor(redact_body_keys, ex.path)
     req_type = _header(ex.request_headers, "content-type")
     resp_type = _header(ex.response_headers, "content-type")
     request_text, request_truncated, request_decode_error = _body_text(
         ex.request_body or b"", _header(ex.request_headers, "content-encoding"), req_type, max_body_bytes
     )
+    request_text = redactor.json(request_text)
     meta: dict = {
         "url": redact_url(ex.url),
         "provider": ex.provider,
@@ -133,6 +122,7 @@ def build_record(ex: Exchange, *, max_body_bytes: int, redact: Iterable[str] = (
         meta.update(model=found.get("model"), finish_reason=found.get("finish_reason"), usage=found.get("usage"))
         provider_error = found.get("error")
         truncated = truncated or ex.truncated
+    response_text = redactor.event_stream(response_text) if ex.stream else redactor.json(response_text)
     if parse_error:
         meta["parse_error"] = parse_error
     if truncated:
@@ -178,6 +168,9 @@ def _parse_failed(ex: Exchange, exc: Exception) -> str:
 def _read_stream(ex: Exchange, encoding: str | None, limit: int):
     """Decode and parse a teed event stream piece by piece, timing the first output event by
     the arrival of the piece that completed it."""
+    fast = _read_stream_fast(ex, encoding, limit)
+    if fast is not None:
+        return fast
     body = BodyDecoder(encoding, limit)
     decoder = SSEDecoder()
     summary = providers.stream_summary(ex.provider, ex.path)
@@ -201,6 +194,23 @@ def _read_stream(ex: Exchange, encoding: str | None, limit: int):
             ttft_at = ex.ended
     text = _text(b"".join(decoded), _header(ex.response_headers, "content-type"))
     return text, summary, ttft_at, body.truncated, body.error
+
+
+def _read_stream_fast(ex: Exchange, encoding: str | None, limit: int):
+    """The same as `_read_stream`, at C speed, for the usual chat stream (see fastpath.py);
+    None when that does not apply."""
+    if not fastpath.applies(ex.provider, ex.path, encoding):
+        return None
+    body = b"".join(ex.pieces)
+    times = ex.piece_times if len(ex.piece_times) == len(ex.pieces) else None
+    ends = itertools.accumulate(map(len, ex.pieces))
+    found = fastpath.read_stream(ex.provider, ex.path, encoding, body, limit, ends, times)
+    if found is None:
+        return None
+    summary, ttft_at = found
+    truncated = len(body) > limit
+    text = _text(body[:limit] if truncated else body, _header(ex.response_headers, "content-type"))
+    return text, summary, ttft_at, truncated, None
 
 
 def _body_text(raw: bytes, encoding: str | None, content_type: str | None, limit: int):
@@ -259,33 +269,6 @@ def redact_headers(pairs: Iterable[tuple[str, str]], extra: frozenset[str] = fro
         key, value = _clean(name.lower()), _clean(value)
         out[key] = f"{out[key]}, {value}" if key in out and value != REDACTED else value
     return out
-
-
-def redact_pairs(pairs: Iterable[tuple[str, str]], extra: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
-    """Header pairs with secret values replaced, names and order kept (what the spool stores)."""
-    return [(name, REDACTED if is_secret_header(name, extra) else value) for name, value in pairs]
-
-
-def is_secret_header(name: str, extra: frozenset[str] = frozenset()) -> bool:
-    key = name.lower()
-    return (
-        key in SECRET_HEADERS
-        or key in extra
-        or any(part in key for part in SECRET_HEADER_PARTS)
-        or key.endswith(SECRET_HEADER_SUFFIXES)
-    )
-
-
-def redact_url(url: str) -> str:
-    """The URL with secret-bearing query parameters (Azure `api-key=`, Google `key=`) redacted."""
-    parts = urlsplit(url)
-    if not parts.query:
-        return url
-    query = [
-        (k, REDACTED if k.lower() in SECRET_QUERY_PARAMS else v)
-        for k, v in parse_qsl(parts.query, keep_blank_values=True)
-    ]
-    return urlunsplit(parts._replace(query=urlencode(query, safe="[]")))
 
 
 def _header(pairs: list[tuple[str, str]], name: str) -> str | None:

@@ -29,7 +29,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from r4u_mitm.record import Exchange, redact_pairs, redact_url
+from r4u_mitm.record import Exchange
+from r4u_mitm.redact import body_redactor, redact_pairs, redact_raw, redact_url
 
 __all__ = ["Spool", "SpoolClosed", "SpoolError", "Packed", "pack", "unpack", "read_stats",
            "DEFAULT_MAX_RECORDS", "DEFAULT_MAX_BYTES"]
@@ -172,22 +173,35 @@ _BODY_FIELDS = frozenset({"pieces", "piece_times", "request_body"})
 
 def pack(ex: Exchange, options: dict) -> Packed:
     """`ex` and the options its record is built with (the proxy's: max_body_bytes, redaction),
-    as the spool stores them: one join of the pieces, no decoding, no parsing. Secret headers
-    and URL query parameters are redacted before anything reaches the disk."""
+    as the spool stores them: one join of the pieces, no parsing unless the redactor's cheap
+    pre-check finds a secret-looking key. Secrets are redacted before anything reaches the disk."""
     head = {name: getattr(ex, name) for name in Exchange.__slots__ if name not in _BODY_FIELDS}
-    # no secret on disk: headers and URL redacted here, as in the record (cheap: no body is read)
+    # No secret on disk: headers and URL redacted here as in the record; bodies too when they are
+    # not content-encoded (a compressed body is stored as it came: the deliverer redacts it).
     extra = frozenset(name.lower() for name in options.get("redact", ()))
     head.update(url=redact_url(ex.url), request_headers=redact_pairs(ex.request_headers, extra),
                 response_headers=redact_pairs(ex.response_headers, extra), options=options)
-    ends = array("Q")
-    total = 0
+    redactor = body_redactor(options.get("redact_body_keys", ()), ex.path)
+    request = bytes(ex.request_body or b"")
+    if request and _identity(ex.request_headers):
+        request = redact_raw(request, [len(request)], stream=False, redactor=redactor)[0]
+    ends, total = [], 0
     for piece in ex.pieces:
         total += len(piece)
         ends.append(total)
-    times = array("d", ex.piece_times) if len(ex.piece_times) == len(ex.pieces) else array("d")
+    response = b"".join(ex.pieces)
+    if response and _identity(ex.response_headers):
+        response, ends = redact_raw(response, ends, stream=ex.stream, redactor=redactor)
+    times = ex.piece_times if len(ex.piece_times) == len(ends) else ()
     # ASCII JSON: header values may hold lone surrogates (mitmproxy's escapes), kept exactly
     return Packed(ex.trace_id, json.dumps(head, ensure_ascii=True, separators=(",", ":")).encode("ascii"),
-                  bytes(ex.request_body or b""), b"".join(ex.pieces), ends.tobytes(), times.tobytes())
+                  request, response, array("Q", ends).tobytes(), array("d", times).tobytes())
+
+
+def _identity(headers: list[tuple[str, str]]) -> bool:
+    """No Content-Encoding (or identity): the body's bytes are its text."""
+    return all(value.strip().lower() in ("", "identity") for name, value in headers
+               if name.lower() == "content-encoding")
 
 
 def unpack(row: Row | Packed) -> tuple[Exchange | None, dict]:
@@ -230,13 +244,21 @@ class Spool:
         self.max_dead_bytes = max(1, max_bytes // 10)
         self._lock = threading.Lock()
         self._claimed: set[int] = set()
+        existed = self.path.exists()
         try:
             _create_private(self.path)
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
-        except (OSError, sqlite3.Error) as exc:
-            raise SpoolError(f"cannot open the outbox {self.path}: {exc}") from exc
+        except OSError as exc:
+            raise SpoolError(f"cannot {'open' if existed else 'create'} {self.path}: {exc.strerror or exc}") from exc
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot open {self.path}: {exc}") from exc
         try:
             db.execute("PRAGMA busy_timeout = 10000")
+            # Someone else's database is left as it is (before any PRAGMA below changes it);
+            # one statement, one snapshot: another process may be creating our schema right now.
+            if db.execute("SELECT (SELECT user_version FROM pragma_user_version) = 0 "
+                          "AND EXISTS (SELECT 1 FROM sqlite_master)").fetchone()[0]:
+                raise SpoolError(f"{self.path} is not an r4u-mitm outbox (a SQLite database of something else)")
             # auto_vacuum only takes on a new file, before any table: it lets the file shrink.
             db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -260,7 +282,9 @@ class Spool:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             db.close()
-            raise SpoolError(f"cannot use the outbox {self.path}: {exc}") from exc
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_NOTADB:
+                raise SpoolError(f"{self.path} is not an r4u-mitm outbox (not a SQLite database)") from exc
+            raise SpoolError(f"cannot use {self.path}: {exc}") from exc
         except BaseException:
             db.close()
             raise

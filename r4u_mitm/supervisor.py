@@ -298,9 +298,13 @@ def _relog(message: dict) -> None:
 _links: dict[str, Link] = {}
 
 
+def link_key(path: Path) -> str:
+    return str(path.expanduser().resolve())
+
+
 def link(path: Path) -> Link:
     """The link of the spool at `path`, made on first use."""
-    key = str(path.expanduser().resolve())
+    key = link_key(path)
     found = _links.get(key)
     if found is None:
         found = _links[key] = Link(path.expanduser())
@@ -308,4 +312,4 @@ def link(path: Path) -> Link:
 
 
 def forget(link_: Link) -> None:
-    _links.pop(str(link_.path.resolve()), None)
+    _links.pop(link_key(link_.path), None)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+STREAMS = ROOT / "tests" / "data" / "streams"  # example event streams, written for these tests
 ADDON = ROOT / "r4u_mitm" / "addon.py"
 ROUTE = ROOT / "tests" / "fakes" / "route.py"
 BIN = Path(sys.executable).parent
@@ -22,6 +22,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 20, what: str = "condition"):
+    """Poll `predicate` until it returns something true, and return that; fail after `timeout`
+    seconds. Tests wait for the event they need with this, never for a fixed time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 class Mitmdump:
@@ -58,6 +71,7 @@ class Mitmdump:
             cmd += ["--set", f"{key}={value}"]
         self.cmd = cmd + list(args)
         self.env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        self.env["PYTHONUNBUFFERED"] = "1"  # each log line reaches the file at once: tests wait for lines
         self.env.update(env or {})
         self.addon = addon
         self.proc: subprocess.Popen | None = None
@@ -70,10 +84,24 @@ class Mitmdump:
     def ca_file(self) -> Path:
         return self.confdir / "mitmproxy-ca-cert.pem"
 
-    def start(self, timeout: float = 30) -> "Mitmdump":
+    def _spawn(self) -> None:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      cwd=ROOT, start_new_session=True)
+
+    def exit_code(self, timeout: float = 30) -> int:
+        """Run it when it should refuse to start: wait until it exits by itself; its exit code."""
+        self._spawn()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise RuntimeError(f"{self.cmd[0]} still ran after {timeout}s:\n{self.log()[-3000:]}") from None
+        finally:
+            self._log.close()
+
+    def start(self, timeout: float = 30) -> "Mitmdump":
+        self._spawn()
         ready = LOADED if self.addon else "listening at"
         deadline = time.monotonic() + timeout
         while ready not in self.log():

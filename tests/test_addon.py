@@ -1,5 +1,7 @@
 """The addon's hooks, fast, with mitmproxy's own test helpers (the real path is in test_tracer_e2e)."""
 
+import re
+
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import tflow, tutils
@@ -29,6 +31,14 @@ def test_traces_only_matching_hosts(tracer):
     t.requestheaders(ours)
     assert list(t.link.open) == [ours.id]
     assert ours.metadata["r4u.trace_id"] == t.link.open[ours.id].trace_id
+
+
+def test_tags_are_removed_from_untraced_hosts_too(tracer):
+    t, _ = tracer
+    flow = openai_flow(host="example.com", X_R4U_Session="s1", x_other="kept")
+    t.requestheaders(flow)
+    assert t.link.open == {} and "x-r4u-session" not in flow.request.headers
+    assert flow.request.headers["x-other"] == "kept"
 
 
 def test_tags_are_removed_before_upstream_and_skip_means_untraced(tracer):
@@ -89,7 +99,7 @@ def test_a_fault_inside_the_addon_never_reaches_the_flow(tracer, monkeypatch):
     monkeypatch.setattr(t, "rules", BrokenRules())
     flow = openai_flow(X_R4U_Session="s1")
     assert t.requestheaders(flow) is None
-    assert t.link.internal_errors == 1 and "x-r4u-session" in flow.request.headers  # untouched
+    assert t.link.internal_errors == 1 and "x-r4u-session" not in flow.request.headers  # taken out first
     assert "internal_errors=1" in t.status()
 
 
@@ -106,14 +116,65 @@ def test_a_fault_while_building_the_record_is_contained(tracer, monkeypatch):
 @pytest.mark.parametrize("option, value, message", [
     ("r4u_hosts", ["api.openai.com=nonsense"], "r4u_hosts"),
     ("r4u_max_body_bytes", 0, "r4u_max_body_bytes"),
-    ("r4u_api_url", "ftp://x", "r4u_api_url"),
-    ("r4u_ca_file", "/no/such/ca.pem", "r4u_ca_file"),
+    ("r4u_api_url", "ftp://x", "r4u_api_url: must be an http:// or https:// URL, not 'ftp://x'"),
+    ("r4u_api_url", "http://localhost:99999", r"r4u_api_url: invalid port in 'http://localhost:99999'"),
+    ("r4u_api_url", "http://user:pw@localhost:abc/v1", r"r4u_api_url: invalid port in 'http://localhost:abc/v1'"),
+    ("r4u_api_url", "http:///v1", "r4u_api_url: no host in 'http:///v1'"),
+    ("r4u_ca_file", "/no/such/ca.pem", "r4u_ca_file: cannot read /no/such/ca.pem: No such file or directory"),
     ("r4u_drain_seconds", -1, "r4u_drain_seconds"),
 ])
 def test_bad_options_are_refused_clearly(tracer, option, value, message):
     t, tctx = tracer
     with pytest.raises(exceptions.OptionsError, match=message):
         tctx.configure(t, **{option: value})
+
+
+def test_a_refused_delivery_option_leaves_the_working_spool_in_place(tmp_path):
+    """Check the new settings first, switch only on success: a bad `--set` at runtime (mitmweb,
+    the console) changes nothing, and mitmproxy's rollback switches nothing back."""
+    from mitmproxy.test import taddons
+
+    from r4u_mitm.addon import R4UTracer
+
+    t = R4UTracer()
+    not_sqlite = tmp_path / "not-an-outbox"
+    not_sqlite.write_bytes(b"hello" * 100)
+    bad_pem = tmp_path / "ca.pem"
+    bad_pem.write_text("not a certificate\n")
+    with taddons.context(t) as tctx:
+        tctx.configure(t, r4u_outbox=str(tmp_path / "outbox.sqlite"), r4u_api_url="http://127.0.0.1:9")
+        working = t.link
+        for option, value, message in [
+            ("r4u_outbox", str(not_sqlite), f"r4u_outbox: {not_sqlite} is not an r4u-mitm outbox (not a SQLite"),
+            ("r4u_outbox", "/proc/no/outbox.sqlite", "r4u_outbox: cannot create /proc/no/outbox.sqlite: No such "
+                                                     "file or directory (set r4u_outbox or confdir to a writable place)"),
+            ("r4u_ca_file", str(bad_pem), f"r4u_ca_file: {bad_pem} is not a PEM CA bundle: "),
+            ("r4u_api_url", "http://127.0.0.1:99999", "r4u_api_url: invalid port in 'http://127.0.0.1:99999'"),
+        ]:
+            with pytest.raises(exceptions.OptionsError, match=re.escape(message)):
+                tctx.options.update(**{option: value})
+            assert t.link is working
+        assert tctx.options.r4u_outbox == str(tmp_path / "outbox.sqlite")  # rolled back
+        assert not_sqlite.read_bytes() == b"hello" * 100  # someone else's file is left alone
+        tctx.options.update(r4u_outbox=str(tmp_path / "other.sqlite"))  # a good change switches
+        assert t.link is not working and t.link.path == tmp_path / "other.sqlite"
+
+
+def test_no_tracing_when_the_options_were_refused(tmp_path):
+    """Options refused at the start: the addon does not trace into the void (tags still go)."""
+    from mitmproxy.options import Options
+    from mitmproxy.test import taddons
+
+    from r4u_mitm.addon import R4UTracer
+
+    t = R4UTracer()
+    with taddons.context(t, options=Options(confdir="/proc/r4u-none")) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="r4u_outbox: cannot create /proc/r4u-none/"):
+            tctx.configure(t)
+        assert t.link is None
+        flow = openai_flow(X_R4U_Session="s1")
+        t.requestheaders(flow)
+        assert "x-r4u-session" not in flow.request.headers and "r4u.trace_id" not in flow.metadata
 
 
 def test_the_flow_comment_follows_the_trace_delivery(tracer):

@@ -80,3 +80,26 @@ def test_a_flow_traced_live_keeps_its_trace_id_and_streamed_body(tmp_path, upstr
     assert len(sent) == 2 and sent[1]["metadata"]["trace_id"] == live["metadata"]["trace_id"]
     assert sent[1]["response"] == live["response"] == stream_bytes("openai_chat/basic.sse").decode()
     assert sent[1]["metadata"]["properties"] == {"test": tag}
+
+
+def test_backfill_takes_the_redaction_options_of_the_addon(tmp_path, upstream, r4u, monkeypatch, tag):
+    """`--redact-headers` and `--redact-body-keys` do what r4u_redact_headers and
+    r4u_redact_body_keys do live; the default redaction applies as well."""
+    import json
+
+    flows = tmp_path / "flows.mitm"
+    with Mitmdump(tmp_path / "dump", addon=False, upstream_port=upstream.port, args=("-w", str(flows))) as proxy:
+        for key, value in proxy.client_env().items():
+            monkeypatch.setenv(key, value)
+        openai.OpenAI(api_key=SECRET, max_retries=0).chat.completions.create(
+            model="gpt-4o-mini", messages=CHAT, max_tokens=20, extra_body={"session_ticket": SECRET, "api_key": SECRET},
+            extra_headers={**headers(tag), "X-Mine": SECRET})
+    run = subprocess.run([CLI, "backfill", str(flows), "--r4u-url", r4u.url, "--outbox", str(tmp_path / "o.sqlite"),
+                          "--wait", "20", "--redact-headers", "x-mine", "--redact-body-keys", "sessionTicket"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    (trace,) = traces_for(r4u, tag)
+    assert_no_secret(trace)
+    assert trace["request_headers"]["x-mine"] == trace["request_headers"]["authorization"] == "[REDACTED]"
+    request = json.loads(trace["request"])
+    assert request["session_ticket"] == request["api_key"] == "[REDACTED]" and request["max_tokens"] == 20

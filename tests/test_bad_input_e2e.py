@@ -35,7 +35,7 @@ import pytest
 
 from tests.conftest import SECRET, assert_no_secret, stream_bytes, traces_for
 from tests.fakes.upstream import make_cert
-from tests.harness import Mitmdump
+from tests.harness import STREAMS, Mitmdump
 
 try:
     from compression import zstd  # type: ignore[import-not-found]
@@ -184,11 +184,9 @@ def _read_one(reader: _Reader) -> tuple[int, bytes, bool]:
 
 @pytest.fixture(scope="module")
 def files_dir(tmp_path_factory) -> Path:
-    """The shared stream files (the fake builds its default answers from them), and ours."""
-    from tests.fakes.upstream import default_streams_dir
-
+    """The example stream files (the fake builds its default answers from them), and this module's."""
     path = tmp_path_factory.mktemp("bad-streams")
-    shutil.copytree(default_streams_dir(), path, dirs_exist_ok=True)
+    shutil.copytree(STREAMS, path, dirs_exist_ok=True)
     return path
 
 

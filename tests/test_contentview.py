@@ -15,9 +15,8 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from r4u_mitm import contentview
 from r4u_mitm.contentview import NAME, VIEW, render
-from tests.harness import SHARED
+from tests.harness import STREAMS
 
-STREAMS = SHARED / "streams"
 PATHS = {  # example streams directory -> (provider, host, request path)
     "openai_chat": ("openai", "api.openai.com", "/v1/chat/completions"),
     "azure_chat": ("azure_openai", "res.openai.azure.com", "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"),
@@ -156,8 +155,8 @@ def test_heading_says_what_the_flow_is_and_its_trace():
     assert text.split("\n")[:4] == [
         "Chat Completions stream · openai · POST /v1/chat/completions",
         "r4u trace 1c2f3a4b-0000-4000-8000-000000000000",
-        "complete · finish_reason stop · 12 events",
-        "model gpt-4.1-mini-2025-04-14 · id chatcmpl-mlC9lEwL5aewbXhChXc7gO12tYS2h",
+        "complete · finish_reason stop · 10 events",
+        "model gpt-4.1-nano-2025-04-14 · id chatcmpl-AiPmfvp4rrC39Cri9IeMvbuSSqHWI",
     ]
 
 
@@ -188,18 +187,18 @@ def test_events_are_listed_readably():
     text = render(raw + b"event: custom\nid: 7\nretry: 100\ndata: not json\n\n", Metadata(content_type=SSE))
     events = text[text.index("─── Events"):]
     assert '#1 message_start\n  {\n    "type": "message_start",' in events
-    assert "#11 custom · id 7 · retry 100: not json" in events
+    assert "#10 custom · id 7 · retry 100: not json" in events
 
 
 def test_wire_timing_from_the_addon_and_without_it():
     raw = (STREAMS / "openai_chat/basic.sse").read_bytes()
     wire = {"provider": "openai", "ttfb_ms": 12.5, "ttft_ms": 20.25, "duration_ms": 140.0,
-            "events": 12, "response_bytes": len(raw), "truncated": None}
+            "events": 10, "response_bytes": len(raw), "truncated": None}
     text = render(raw, flow_metadata(sse_flow("openai_chat", raw, **{"r4u.wire": wire})))
     timing = text[text.index("─── Wire timing"):text.index("─── Events")]
     for line in ("time to first byte (response headers): 12 ms",
                  "time to first token (first output event): 20 ms", "duration (request start to last byte): 140 ms",
-                 f"12 events · {len(raw)} bytes on the wire"):
+                 f"10 events · {len(raw)} bytes on the wire"):
         assert line in timing
     assert text.index("Assembled result") < text.index("Wire timing") < text.index("─── Events")
     plain = render(raw, flow_metadata(sse_flow("openai_chat", raw)))  # tflow: headers at +2 s, end at +3 s
@@ -270,9 +269,9 @@ def test_odd_inputs_never_raise():
         def __getattr__(self, name):
             raise RuntimeError("no")
 
-    assert "Bonjour" in render(raw, Hostile())
+    assert "Salut" in render(raw, Hostile())
     with_broken_flow = Metadata(flow=Hostile(), content_type=SSE)
-    assert "Bonjour" in render(raw, with_broken_flow)
+    assert "Salut" in render(raw, with_broken_flow)
 
 
 def test_a_body_that_did_not_decode_is_decoded_as_far_as_it_goes():
@@ -310,7 +309,7 @@ def test_registered_once_and_chosen_automatically_by_mitmproxy():
         flow = sse_flow("openai_responses", raw)
         result = contentviews.prettify_message(flow.response, flow)
     assert result.view_name == NAME
-    assert "Water boils at 100 °C at sea level." in result_section(result.text)
+    assert "Mount Fuji is 3,776 m — Japan's highest." in result_section(result.text)
 
 
 # -- what the addon leaves on flows ---------------------------------------------------------------------------
@@ -356,11 +355,11 @@ def test_traced_flows_get_a_trace_comment_and_wire_timing_for_the_view(tracer):
     assert wire["provider"] == "openai" and wire["response_bytes"] == len(raw)
     for key in ("ttfb_ms", "ttft_ms", "duration_ms", "stream_complete"):
         assert wire[key] == meta[key] and wire[key] is not None
-    assert wire["events"] == meta["events"] == 12
+    assert wire["events"] == meta["events"] == 10
     assert not wire["truncated"]
     text = render(flow.response.raw_content, flow_metadata(flow))
-    assert f"r4u trace {trace_id}" in text and f"12 events · {len(raw)} bytes on the wire" in text
-    assert "Bonjour! Paris is lovely in spring 🌸." in result_section(text)
+    assert f"r4u trace {trace_id}" in text and f"10 events · {len(raw)} bytes on the wire" in text
+    assert "Salut ! Comment ça va ? 🥐" in result_section(text)
 
 
 @pytest.mark.parametrize("cut, complete", [(None, True), (-200, False)])
@@ -375,7 +374,7 @@ def test_streams_ended_by_an_error_still_show_what_arrived(tracer, cut, complete
     text = render(flow.response.raw_content, flow_metadata(flow))
     status = text.split("\n")[2]
     assert status.startswith("complete ·") if complete else status.startswith("INCOMPLETE")
-    assert "Bonjour! Paris is lovely" in result_section(text)
+    assert "Salut ! Comment ça va" in result_section(text)
     error = t.link.writer.records[0]["error"]
     assert error is None if complete else error.startswith("client aborted after")
 

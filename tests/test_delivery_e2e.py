@@ -13,7 +13,7 @@ import pytest
 
 from r4u_mitm.spool import read_stats
 from tests.conftest import SECRET, headers
-from tests.harness import Mitmdump, free_port
+from tests.harness import Mitmdump, free_port, wait_for
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -46,39 +46,34 @@ def make_exchanges(client: openai.OpenAI, tag: str, n: int) -> None:
                                                   extra_headers=headers(tag)).choices
 
 
-def wait_pending(outbox, n: int, timeout: float = 20) -> None:
+def wait_pending(outbox, n: int) -> None:
+    wait_for(lambda: read_stats(outbox)["pending"] >= n, what=f"{n} traces in the outbox")
+
+
+def delivered_once(r4u, tag: str, n: int, outbox, timeout: float = 60, resent_ok: bool = False) -> list[dict]:
+    """Wait for n distinct traces tagged `tag` and for the outbox file `outbox` to be empty (every
+    record stored was settled: no post of one can come any more). Then each trace_id is there
+    exactly once (or, with `resent_ok`, re-sends of the identical record: posts cut by a killed
+    deliverer are sent again)."""
+
+    def mine() -> list[dict]:
+        return [t for t in list(r4u.received) if t["metadata"].get("properties", {}).get("test") == tag]
+
     deadline = time.monotonic() + timeout
-    while read_stats(outbox)["pending"] < n:
-        assert time.monotonic() < deadline, f"outbox holds {read_stats(outbox)['pending']} of {n}"
-        time.sleep(0.05)
-
-
-def wait_log(proxy: Mitmdump, text: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in proxy.log():
-        assert time.monotonic() < deadline, f"no {text!r} in the log:\n{proxy.log()[-2000:]}"
-        time.sleep(0.05)
-
-
-def delivered_once(r4u, tag: str, n: int, timeout: float = 60, resent_ok: bool = False) -> list[dict]:
-    """Wait for n distinct traces tagged `tag`; each trace_id exactly once (or, with
-    `resent_ok`, re-sends of the identical record: posts cut by a killed deliverer are sent again)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        mine = [t for t in list(r4u.received) if t["metadata"].get("properties", {}).get("test") == tag]
-        if len({t["metadata"]["trace_id"] for t in mine}) >= n or time.monotonic() > deadline:
+    while len({t["metadata"]["trace_id"] for t in mine()}) < n or read_stats(outbox)["pending"]:
+        if time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    time.sleep(0.5)
-    mine = [t for t in list(r4u.received) if t["metadata"].get("properties", {}).get("test") == tag]
-    counts = collections.Counter(t["metadata"]["trace_id"] for t in mine)
-    assert len(counts) == n, f"R4U got {len(counts)} of {n} traces"
+    pending = read_stats(outbox)["pending"]
+    traces = mine()
+    counts = collections.Counter(t["metadata"]["trace_id"] for t in traces)
+    assert len(counts) == n and pending == 0, f"R4U got {len(counts)} of {n} traces; {pending} still in the outbox"
     if resent_ok:
-        first = {t["metadata"]["trace_id"]: t for t in reversed(mine)}
-        assert all(t == first[t["metadata"]["trace_id"]] for t in mine), "a re-send differs"
+        first = {t["metadata"]["trace_id"]: t for t in reversed(traces)}
+        assert all(t == first[t["metadata"]["trace_id"]] for t in traces), "a re-send differs"
     else:
         assert set(counts.values()) == {1}, f"duplicates: {counts}"
-    return mine
+    return traces
 
 
 def test_r4u_down_at_start_then_up(tmp_path, upstream, r4u_later, monkeypatch, tag):
@@ -86,10 +81,9 @@ def test_r4u_down_at_start_then_up(tmp_path, upstream, r4u_later, monkeypatch, t
         client = use_proxy(monkeypatch, proxy)
         make_exchanges(client, tag, 4)
         wait_pending(proxy.outbox, 4)
-        wait_log(proxy, "R4U is not answering")  # from the delivery process, through the proxy's log
+        wait_for(lambda: "R4U is not answering" in proxy.log(), what="the warning that R4U is down")
         r4u_later.start()
-        delivered_once(r4u_later, tag, 4)
-        assert read_stats(proxy.outbox)["pending"] == 0
+        delivered_once(r4u_later, tag, 4, proxy.outbox)
 
 
 def test_r4u_failing_then_rejecting_one(tmp_path, upstream, r4u_later, monkeypatch, tag):
@@ -100,10 +94,8 @@ def test_r4u_failing_then_rejecting_one(tmp_path, upstream, r4u_later, monkeypat
         client = use_proxy(monkeypatch, proxy)
         make_exchanges(client, tag, 4)
         client.models.list(extra_headers=headers(tag))  # the poison record
-        delivered_once(r4u_later, tag, 4)
-        deadline = time.monotonic() + 20
-        while read_stats(proxy.outbox)["dead_lettered"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        delivered_once(r4u_later, tag, 4, proxy.outbox)
+        wait_for(lambda: read_stats(proxy.outbox)["dead_lettered"], what="the poison record dead-lettered")
         stats = read_stats(proxy.outbox)
         assert stats["dead_lettered"] == 1 and stats["pending"] == 0 and stats["retried"] >= 3
 
@@ -116,41 +108,32 @@ def test_kill_9_with_traces_pending_then_restart(tmp_path, upstream, r4u_later, 
     finally:
         proxy.kill()
     r4u_later.start()
-    with Mitmdump(tmp_path, r4u_url=r4u_later.url, upstream_port=upstream.port):
-        delivered_once(r4u_later, tag, 4)
+    with Mitmdump(tmp_path, r4u_url=r4u_later.url, upstream_port=upstream.port) as again:
+        delivered_once(r4u_later, tag, 4, again.outbox)
 
 
 def test_sigterm_with_r4u_down_keeps_traces_for_the_next_run(tmp_path, upstream, r4u_later, monkeypatch, tag):
     proxy = Mitmdump(tmp_path, r4u_url=r4u_later.url, upstream_port=upstream.port).start()
     make_exchanges(use_proxy(monkeypatch, proxy), tag, 3)
-    assert proxy.stop(signal.SIGTERM) is not None
+    assert proxy.stop(signal.SIGTERM) == 0  # a clean exit
     assert read_stats(proxy.outbox)["pending"] == 3
     assert "stay in" in proxy.log()
     r4u_later.start()
-    with Mitmdump(tmp_path, r4u_url=r4u_later.url, upstream_port=upstream.port):
-        delivered_once(r4u_later, tag, 3)
+    with Mitmdump(tmp_path, r4u_url=r4u_later.url, upstream_port=upstream.port) as again:
+        delivered_once(r4u_later, tag, 3, again.outbox)
 
 
 def test_sigint_drains_pending_traces_before_exit(tmp_path, upstream, r4u_later, monkeypatch, tag):
     r4u_later.start()
     proxy = Mitmdump(tmp_path, r4u_url=r4u_later.url, upstream_port=upstream.port,
                      options={"r4u_drain_seconds": 10}).start()
-    deadline = time.monotonic() + 20
-    while proxy.deliverer_pid() is None or not r4u_later.requests:  # its start-up probe was answered
-        assert time.monotonic() < deadline, "the deliverer did not start"
-        time.sleep(0.05)
+    wait_for(lambda: proxy.deliverer_pid() and r4u_later.requests, what="the deliverer's start-up probe answered")
     r4u_later.hang(3.0)  # R4U slow: posts are still in flight when the proxy is asked to stop
     before = r4u_later.requests
     make_exchanges(use_proxy(monkeypatch, proxy), tag, 3)
-    while r4u_later.requests == before:
-        assert time.monotonic() < deadline, "no post reached R4U"
-        time.sleep(0.02)
-    proxy.stop(signal.SIGINT)  # mitmdump exits at once; its deliverer goes on
-    delivered_once(r4u_later, tag, 3, timeout=15)  # posts in flight at the stop finish: none is sent twice
-    deadline = time.monotonic() + 10
-    while read_stats(proxy.outbox)["pending"]:
-        assert time.monotonic() < deadline, read_stats(proxy.outbox)
-        time.sleep(0.05)
+    wait_for(lambda: r4u_later.requests > before, what="a post held by R4U")
+    assert proxy.stop(signal.SIGINT) == 0  # mitmdump exits at once; its deliverer goes on
+    delivered_once(r4u_later, tag, 3, proxy.outbox, timeout=15)  # posts in flight at the stop finish: none twice
 
 
 def test_status_command_line(tmp_path, upstream, r4u_later, monkeypatch, tag):

@@ -8,7 +8,6 @@ import random
 import sys
 import tracemalloc
 import zlib
-from pathlib import Path
 
 import brotli
 import pytest
@@ -17,14 +16,13 @@ from hypothesis import strategies as st
 
 from r4u_mitm.encoding import BodyDecoder, decode_body
 from r4u_mitm.sse import SSEDecoder
+from tests.harness import STREAMS
 
 if sys.version_info >= (3, 14):
     from compression import zstd
 else:
     from backports import zstd
 
-# The repo and shared/ are siblings (here and in CI).
-STREAMS = Path(__file__).resolve().parents[1].parent / "shared" / "streams"
 ALL_STREAMS = sorted(STREAMS.rglob("*.sse"))
 MB = 1024 * 1024
 

@@ -193,13 +193,13 @@ def test_chat_stream_raw_create(fake, client):
 
 
 def test_responses(fake, client):
-    r = client.responses.create(model="gpt-4.1", input="boil?")
-    assert r.status == "completed" and r.output_text == "Water boils at 100 °C at sea level."
-    assert r.usage.total_tokens == 30
-    with client.responses.stream(model="gpt-4.1", input="boil?") as s:
+    r = client.responses.create(model="gpt-4o", input="Fuji?")
+    assert r.status == "completed" and r.output_text == "Mount Fuji is 3,776 m — Japan's highest."
+    assert r.usage.total_tokens == 28
+    with client.responses.stream(model="gpt-4o", input="Fuji?") as s:
         deltas = [e.delta for e in s if e.type == "response.output_text.delta"]
         final = s.get_final_response()
-    assert "".join(deltas) == final.output_text == "Water boils at 100 °C at sea level."
+    assert "".join(deltas) == final.output_text == "Mount Fuji is 3,776 m — Japan's highest."
     assert last(fake)["response_body"] == stream_file(fake, "openai_responses/text.sse")
     tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
     with client.responses.stream(model="gpt-4.1", input="w", tools=tools) as s:
@@ -212,10 +212,10 @@ def test_responses(fake, client):
 def test_completions(fake, client):
     raw = stream_file(fake, "openai_completions/basic.sse")
     text = "".join(c.choices[0].text for c in
-                   client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Roses", stream=True)
+                   client.completions.create(model="davinci-002", prompt="A story:", stream=True)
                    if c.choices)
-    r = client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Roses")
-    assert r.choices[0].text == text and text.startswith("\n\nRoses are red")
+    r = client.completions.create(model="davinci-002", prompt="A story:")
+    assert r.choices[0].text == text == "\nOnce there was a lighthouse"
     assert r.choices[0].finish_reason == "length"
     assert fake.wait(len(fake.requests))[-2]["response_body"] == raw
 
@@ -263,7 +263,7 @@ def test_anthropic(fake, http):
                                                    "messages": [{"role": "user", "content": "hi"}]})
     msg = r.json()
     assert msg["type"] == "message" and msg["stop_reason"] == "end_turn"
-    assert msg["content"][0]["text"] == "Hello! The Eiffel Tower is about 330 metres tall."
+    assert msg["content"][0]["text"] == "Hi! The Nile is roughly 6,650 km long."
     r = http.post(fake.url + "/v1/messages", json={"model": "c", "max_tokens": 9, "messages": [], "stream": True})
     assert r.content == stream_file(fake, "anthropic/text.sse")
     r = http.post(fake.url + "/v1/messages", json={"model": "c", "max_tokens": 9, "messages": []},

@@ -1,6 +1,6 @@
 """providers.py: host rules, per-dialect stream semantics, body summaries and stream assembly.
 
-Expectations for the shared example streams were read off the files by hand (facts §9), not taken
+Expectations for the example streams (tests/data/streams) were read off the files by hand, not taken
 from this code's output. The chat/Azure and Responses oracles are the openai SDK's own
 accumulators (facts §6).
 """
@@ -8,7 +8,6 @@ accumulators (facts §6).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,10 +24,7 @@ from r4u_mitm.providers import (
     stream_summary,
 )
 from r4u_mitm.sse import Event, SSEDecoder
-
-# The repo and shared/ are siblings (here and in CI).
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-STREAMS = SHARED / "streams"
+from tests.harness import STREAMS
 
 CHAT_PATH = "/v1/chat/completions"
 AZURE_PATH = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
@@ -299,79 +295,84 @@ def anthropic_usage(inp: int, out: int) -> dict:
     }
 
 
-CHAT_ERROR = "server_error: The server had an error while processing your request. Sorry about that!"
+CHAT_ERROR = (
+    "server_error: The server had an error processing your request. Sorry about that! You can retry your "
+    "request, or contact us through our help center at help.openai.com if you keep seeing this error. (Please "
+    "include the request ID req_dc966cdd8308ea65a14d15727aa66447 in your email.)"
+)
 FAILED_ERROR = (
     "server_error: An error occurred while processing your request. You can retry your request, or "
     "contact us through our help center at help.openai.com if the error persists. Please include the "
-    "request ID req_ee4e50113d6325b2b375529abdcaeba0 in your message."
+    "request ID req_a34464fcd4daa65383924203aea3debd in your message."
 )
 RATE_ERROR = (
-    "rate_limit_exceeded: Rate limit reached for gpt-4.1 in organization org-6QkBglwd3cPUTuJRf3hIrOt3 "
-    "on tokens per min (TPM): Limit 30000, Used 29814, Requested 1630. Please try again in 2.888s."
+    "rate_limit_exceeded: Rate limit reached for gpt-4o in organization org-IBnwB9sk6ivbRlUD2h91OjOc "
+    "on tokens per min (TPM): Limit 450000, Used 449120, Requested 2216. Please try again in 178ms. "
+    "Visit https://platform.openai.com/account/rate-limits to learn more."
 )
 
 # name: (events, complete, error, model, finish_reason, usage, index of first output event)
 EXPECTED = {
-    "openai_chat/basic.sse": (12, True, None, "gpt-4.1-mini-2025-04-14", "stop", None, 1),
-    "openai_chat/include_usage.sse": (11, True, None, "gpt-4o-2024-08-06", "stop", chat_usage(24, 8, 32), 1),
+    "openai_chat/basic.sse": (10, True, None, "gpt-4.1-nano-2025-04-14", "stop", None, 1),
+    "openai_chat/include_usage.sse": (9, True, None, "gpt-4o-2024-11-20", "stop", chat_usage(19, 7, 26), 1),
     "openai_chat/n2_interleaved.sse": (
-        19, True, None, "gpt-4o-mini-2024-07-18", "length", chat_usage(17, 13, 30), 1,
+        16, True, None, "gpt-4.1-mini-2025-04-14", "length", chat_usage(14, 10, 24), 1,
     ),
     "openai_chat/tool_calls_parallel.sse": (
-        21, True, None, "gpt-4.1-2025-04-14", "tool_calls", chat_usage(96, 47, 143), 1,
+        20, True, None, "gpt-4o-2024-08-06", "tool_calls", chat_usage(112, 41, 153), 1,
     ),
-    "openai_chat/refusal.sse": (13, True, None, "gpt-4o-2024-08-06", "stop", None, 1),
-    "openai_chat/logprobs.sse": (7, True, None, "gpt-4o-mini-2024-07-18", "stop", None, 1),
-    "openai_chat/error_midstream.sse": (6, True, CHAT_ERROR, "gpt-4.1-2025-04-14", None, None, 1),
+    "openai_chat/refusal.sse": (10, True, None, "gpt-4o-2024-11-20", "stop", None, 1),
+    "openai_chat/logprobs.sse": (8, True, None, "gpt-4.1-nano-2025-04-14", "stop", None, 1),
+    "openai_chat/error_midstream.sse": (6, True, CHAT_ERROR, "gpt-4o-mini-2024-07-18", None, None, 1),
     "azure_chat/content_filter_results.sse": (
-        13, True, None, "gpt-4o-2024-11-20", "stop",
+        10, True, None, "gpt-4o-mini-2024-07-18", "stop",
         {
-            "completion_tokens": 9,
+            "completion_tokens": 6,
             "completion_tokens_details": {
                 "accepted_prediction_tokens": 0,
                 "audio_tokens": 0,
                 "reasoning_tokens": 0,
                 "rejected_prediction_tokens": 0,
             },
-            "prompt_tokens": 18,
+            "prompt_tokens": 15,
             "prompt_tokens_details": {"audio_tokens": 0, "cached_tokens": 0},
-            "total_tokens": 27,
+            "total_tokens": 21,
         },
         2,
     ),
-    "azure_chat/content_filter_blocked.sse": (8, True, None, "gpt-4o-2024-11-20", "content_filter", None, 2),
-    "azure_chat/async_filter_annotations.sse": (16, True, None, "gpt-4o-2024-11-20", "stop", None, 2),
+    "azure_chat/content_filter_blocked.sse": (7, True, None, "gpt-4o-mini-2024-07-18", "content_filter", None, 2),
+    "azure_chat/async_filter_annotations.sse": (12, True, None, "gpt-4o-mini-2024-07-18", "stop", None, 2),
     "openai_responses/text.sse": (
-        17, True, None, "gpt-4.1-2025-04-14", "completed", responses_usage(19, 11, 30), 4,
+        15, True, None, "gpt-4o-2024-08-06", "completed", responses_usage(16, 12, 28), 4,
     ),
     "openai_responses/function_calls.sse": (
-        19, True, None, "gpt-4.1-2025-04-14", "completed", responses_usage(64, 38, 102), 3,
+        19, True, None, "gpt-4.1-mini-2025-04-14", "completed", responses_usage(58, 34, 92), 3,
     ),
     "openai_responses/reasoning_summary.sse": (
-        48, True, None, "o4-mini-2025-04-16", "completed", responses_usage(15, 214, 229, 192), 36,
+        25, True, None, "o3-2025-04-16", "completed", responses_usage(13, 180, 193, 160), 18,
     ),
     "openai_responses/incomplete.sse": (
-        24, True, None, "gpt-4.1-mini-2025-04-14", "max_output_tokens", responses_usage(12, 16, 28), 4,
+        17, True, None, "gpt-4.1-2025-04-14", "max_output_tokens", responses_usage(11, 16, 27), 4,
     ),
-    "openai_responses/failed.sse": (8, True, FAILED_ERROR, "gpt-4.1-2025-04-14", "failed", None, 4),
-    "openai_responses/error_event_flat.sse": (2, True, RATE_ERROR, "gpt-4.1-2025-04-14", None, None, None),
+    "openai_responses/failed.sse": (8, True, FAILED_ERROR, "gpt-4o-2024-11-20", "failed", None, 4),
+    "openai_responses/error_event_flat.sse": (2, True, RATE_ERROR, "gpt-4o-2024-08-06", None, None, None),
     "openai_responses/error_event_nested.sse": (
-        2, True, "too_many_requests: Too Many Requests", "gpt-4.1-2025-04-14", None, None, None,
+        3, True, "too_many_requests: Too Many Requests", "gpt-4.1-nano-2025-04-14", None, None, None,
     ),
-    "openai_completions/basic.sse": (10, True, None, "gpt-3.5-turbo-instruct", "length", None, 0),
+    "openai_completions/basic.sse": (8, True, None, "davinci-002", "length", None, 0),
     "openai_completions/logprobs_include_usage.sse": (
-        5, True, None, "gpt-3.5-turbo-instruct", "stop",
-        {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}, 0,
+        5, True, None, "babbage-002", "stop",
+        {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}, 0,
     ),
-    "anthropic/text.sse": (10, True, None, "claude-sonnet-4-5-20250929", "end_turn", anthropic_usage(14, 18), 3),
+    "anthropic/text.sse": (9, True, None, "claude-sonnet-4-20250514", "end_turn", anthropic_usage(12, 17), 3),
     "anthropic/tool_use.sse": (
-        15, True, None, "claude-sonnet-4-5-20250929", "tool_use", anthropic_usage(412, 71), 3,
+        14, True, None, "claude-opus-4-1-20250805", "tool_use", anthropic_usage(538, 64), 3,
     ),
     "anthropic/thinking.sse": (
-        12, True, None, "claude-sonnet-4-5-20250929", "end_turn", anthropic_usage(37, 52), 8,
+        13, True, None, "claude-3-7-sonnet-20250219", "end_turn", anthropic_usage(44, 39), 8,
     ),
     "anthropic/error_overloaded.sse": (
-        5, True, "overloaded_error: Overloaded", "claude-sonnet-4-5-20250929", None, anthropic_usage(9, 1), 3,
+        6, True, "overloaded_error: Overloaded", "claude-haiku-4-5-20251001", None, anthropic_usage(21, 1), 3,
     ),
 }
 
@@ -412,7 +413,7 @@ def test_provider_does_not_change_chat_semantics():
     # Azure frames are recognised by their shape, not by the provider name
     for provider in ("openai", "azure_openai", "openai_compatible"):
         s, first = summarize(provider, CHAT_PATH, events_of("azure_chat/content_filter_results.sse"))
-        assert (s.model, s.finish_reason, first) == ("gpt-4o-2024-11-20", "stop", 2)
+        assert (s.model, s.finish_reason, first) == ("gpt-4o-mini-2024-07-18", "stop", 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,19 +498,19 @@ def test_chat_assembly_content_by_hand():
     tools = assemble("openai", CHAT_PATH, events_of("openai_chat/tool_calls_parallel.sse"))["choices"][0]
     assert tools["content"] is None
     assert [(t["name"], t["parsed_arguments"]) for t in tools["tool_calls"]] == [
-        ("get_weather", {"city": "Lyon", "unit": "celsius"}),
-        ("get_time", {"timezone": "Europe/Paris"}),
+        ("get_forecast", {"city": "Porto", "days": 3}),
+        ("get_local_time", {"city": "Porto"}),
     ]
     n2 = assemble("openai", CHAT_PATH, events_of("openai_chat/n2_interleaved.sse"))["choices"]
     assert [(c["content"], c["finish_reason"]) for c in n2] == [
-        ("Why did the cat sit on the laptop?", "length"),
-        ("Knock, knock.", "stop"),
+        ("Owls can turn their heads about", "length"),
+        ("Owls fly silently.", "stop"),
     ]
     blocked = assemble("azure_openai", AZURE_PATH, events_of("azure_chat/content_filter_blocked.sse"))
-    assert blocked["choices"][0]["content"] == "Sure, here is"
+    assert blocked["choices"][0]["content"] == "Here's how"
     assert blocked["error"] is None
     basic = assemble("openai", CHAT_PATH, events_of("openai_chat/basic.sse"))
-    assert basic["choices"][0]["content"] == "Bonjour! Paris is lovely in spring 🌸."
+    assert basic["choices"][0]["content"] == "Salut ! Comment ça va ? 🥐"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,18 +584,18 @@ def test_responses_assembly_matches_the_sdk(name):
 
 def test_responses_assembly_by_hand():
     text = assemble("openai", RESPONSES_PATH, events_of("openai_responses/text.sse"))
-    assert text["output_text"] == "Water boils at 100 °C at sea level."
+    assert text["output_text"] == "Mount Fuji is 3,776 m — Japan's highest."
     calls = assemble("openai", RESPONSES_PATH, events_of("openai_responses/function_calls.sse"))["output"]
     assert [(c["name"], c["parsed_arguments"]) for c in calls] == [
-        ("get_weather", {"city": "Oslo"}),
-        ("get_weather", {"city": "Lima"}),
+        ("get_population", {"country": "Chile"}),
+        ("get_population", {"country": "Peru"}),
     ]
     cut = assemble("openai", RESPONSES_PATH, events_of("openai_responses/incomplete.sse"))
     assert cut["status"] == "incomplete"
     assert cut["output"][0]["status"] == "incomplete"
-    assert cut["output_text"] == "Once upon a time, in a quiet valley, there lived a clockmaker who"
+    assert cut["output_text"] == "The Suez Canal opened in 1869, linking the Mediterranean"
     failed = assemble("openai", RESPONSES_PATH, events_of("openai_responses/failed.sse"))
-    assert (failed["status"], failed["output_text"]) == ("failed", "The answer depends")
+    assert (failed["status"], failed["output_text"]) == ("failed", "Let me think")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,25 +605,25 @@ def test_responses_assembly_by_hand():
 def test_completions_assembly():
     basic = assemble("openai", COMPLETIONS_PATH, events_of("openai_completions/basic.sse"))
     assert basic["choices"] == [
-        {"index": 0, "text": "\n\nRoses are red, violets are blue", "finish_reason": "length"}
+        {"index": 0, "text": "\nOnce there was a lighthouse", "finish_reason": "length"}
     ]
     usage = assemble("openai", COMPLETIONS_PATH, events_of("openai_completions/logprobs_include_usage.sse"))
-    assert usage["choices"] == [{"index": 0, "text": " Yes.", "finish_reason": "stop"}]
+    assert usage["choices"] == [{"index": 0, "text": " True.", "finish_reason": "stop"}]
 
 
 def test_anthropic_assembly():
     text = assemble("anthropic", MESSAGES_PATH, events_of("anthropic/text.sse"))
-    assert text["content"] == [{"type": "text", "text": "Hello! The Eiffel Tower is about 330 metres tall."}]
-    assert (text["stop_reason"], text["role"], text["id"]) == ("end_turn", "assistant", "msg_01I6OaUQiDKKUAOaHlQm8trE")
+    assert text["content"] == [{"type": "text", "text": "Hi! The Nile is roughly 6,650 km long."}]
+    assert (text["stop_reason"], text["role"], text["id"]) == ("end_turn", "assistant", "msg_01PbR2K6cH54L59dYcQXNZar")
 
     tool = assemble("anthropic", MESSAGES_PATH, events_of("anthropic/tool_use.sse"))
     assert tool["content"] == [
-        {"type": "text", "text": "I'll check the weather in Kyoto for you."},
+        {"type": "text", "text": "Let me look that up."},
         {
             "type": "tool_use",
-            "id": "toolu_01c9IEsnM6p6Jco6spweOnFh",
-            "name": "get_weather",
-            "input": {"location": "Kyoto, Japan", "unit": "celsius"},
+            "id": "toolu_0137O7HG9B9otXVraDIQRy5A",
+            "name": "search_library",
+            "input": {"query": "bees", "limit": 3},
         },
     ]
     assert tool["stop_reason"] == "tool_use"
@@ -631,22 +632,22 @@ def test_anthropic_assembly():
     assert thinking["content"] == [
         {
             "type": "thinking",
-            "thinking": "The user wants 12 squared. 12 × 12 = 144.",
-            "signature": "EqW7mCoZEsQZLLVO53T8JlmQvGM3FF4ti2oTCjXAfjgNBt220IVCPAwMxfawW8GlWiozdeaO9vCNHwlw2bopJCOe==",
+            "thinking": "The user asks for half of 90. 90 ÷ 2 = 45.",
+            "signature": "dysu/Fz+Q5N3qZzMMglBOQ9u+fHtaiNBfxTiYyxJ3LYZIs/AHYbspkLYVVcxOhAR5MJhizN/9Ar0GKXrGcmoVELm",
         },
-        {"type": "text", "text": "12² = 144."},
+        {"type": "text", "text": "Half of 90 is 45."},
     ]
 
     error = assemble("anthropic", MESSAGES_PATH, events_of("anthropic/error_overloaded.sse"))
-    assert error["content"] == [{"type": "text", "text": "Sure"}]
+    assert error["content"] == [{"type": "text", "text": "Certainly! Here"}]
     assert error["error"] == "overloaded_error: Overloaded"
 
 
 def test_anthropic_tool_input_cut_short_is_shown_raw():
-    events = events_of("anthropic/tool_use.sse")[:11]  # up to '", "unit": "c'
+    events = events_of("anthropic/tool_use.sse")[:10]  # up to 'ees", "limit"'
     block = assemble("anthropic", MESSAGES_PATH, events)["content"][1]
     assert block["input"] is None
-    assert block["input_json"] == '{"location": "Kyoto, Japan", "unit": "c'
+    assert block["input_json"] == '{"query": "bees", "limit"'
 
 
 # ---------------------------------------------------------------------------------------------

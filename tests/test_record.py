@@ -3,10 +3,10 @@ import json
 from datetime import datetime
 
 from r4u_mitm.record import REDACTED, Exchange, build_record, redact_headers, redact_url, who_ended
-from tests.harness import SHARED
+from tests.harness import STREAMS
 
 SECRET = "sk-record-SECRET-123456"
-BASIC = (SHARED / "streams" / "openai_chat" / "basic.sse").read_bytes()
+BASIC = (STREAMS / "openai_chat" / "basic.sse").read_bytes()
 
 
 def exchange(**kw) -> Exchange:
@@ -47,7 +47,7 @@ def test_complete_stream_record_follows_the_contract():
     # The first content delta is the second event: ttft is the arrival of the piece completing it.
     second_event_end = BASIC.index(b"\n\n", BASIC.index(b"\n\n") + 2) + 2
     assert meta["ttft_ms"] == round((0.3 + ((second_event_end - 1) // 7) * 0.01) * 1000, 3)
-    assert meta["model"] == "gpt-4.1-mini-2025-04-14" and meta["finish_reason"] == "stop"
+    assert meta["model"] == "gpt-4.1-nano-2025-04-14" and meta["finish_reason"] == "stop"
     assert meta["upstream_request_id"] == "req_1" and meta["response_bytes"] == len(BASIC)
     assert SECRET not in json.dumps(record)
     assert record["response_headers"]["x-ratelimit-remaining-tokens"] == "999"
@@ -69,7 +69,7 @@ def test_stream_cut_before_its_end_keeps_the_partial_text_and_says_who():
 
 
 def test_provider_error_in_stream_is_the_error():
-    raw = (SHARED / "streams" / "openai_chat" / "error_midstream.sse").read_bytes()
+    raw = (STREAMS / "openai_chat" / "error_midstream.sse").read_bytes()
     record = build_record(streamed(raw), max_body_bytes=1 << 20)
     assert "The server had an error" in record["error"]
 
@@ -153,3 +153,27 @@ def test_who_ended():
     assert who_ended("peer closed connection") == "upstream failed"
     assert who_ended("HTTP/1 protocol error: incomplete chunked read") == "upstream failed"
     assert who_ended("Connection timed out") == "timeout"
+
+
+def test_secret_body_members_are_redacted_in_the_request_and_the_stream():
+    """build_record applies redact.py to both bodies (the rules are tested in test_redact.py),
+    with `redact_body_keys` as extra names; the summary is read before, from the real stream."""
+    usage = (STREAMS / "openai_chat" / "include_usage.sse").read_bytes()
+    secret = SECRET.encode()
+    request = (b'{"model":"gpt-4o","stream":true,"data_sources":[{"type":"azure_search","parameters":'
+               b'{"authentication":{"type":"api_key","key":"%s"}}}],"ticket":"%s"}' % (secret, secret))
+    answer = usage.replace(b'"choices":[]',
+                           b'"choices":[],"client_secret":{"value":"%s"},"Ticket":"%s"' % (secret, secret))
+    record = build_record(streamed(answer, request_body=request), max_body_bytes=1 << 20, redact_body_keys=["ticket"])
+    assert SECRET not in json.dumps(record)
+    secret_json = f'"{SECRET}"'
+    assert record["request"] == request.decode().replace(secret_json, f'"{REDACTED}"')
+    assert record["response"] == answer.decode().replace(f'{{"value":{secret_json}}}', f'"{REDACTED}"').replace(
+        secret_json, f'"{REDACTED}"')
+    unredacted = build_record(streamed(usage), max_body_bytes=1 << 20)["metadata"]
+    assert record["metadata"]["usage"] == unredacted["usage"] and unredacted["usage"]["total_tokens"] > 0
+    assert record["metadata"]["stream_complete"] is True
+    plain = build_record(exchange(request_body=request, pieces=[request], response_headers=[
+        ("content-type", "application/json")]), max_body_bytes=1 << 20)
+    assert '"ticket":"%s"' % SECRET in plain["response"]  # not a default name: only as an extra one
+    assert '"key":"[REDACTED]"' in plain["response"]

@@ -20,7 +20,7 @@ import pytest
 
 from r4u_mitm.spool import read_stats
 from tests.conftest import SECRET, assert_no_secret, traces_for
-from tests.harness import Mitmdump
+from tests.harness import Mitmdump, wait_for
 
 R4U_KEY = "r4u-key-SECRET-7d3f9a1c5e2b8d40"
 URL_PASSWORD = "r4u-url-PASSWORD-0f8e7d6c"
@@ -107,12 +107,9 @@ def test_no_secret_reaches_r4u_the_log_or_the_outbox(sproxy, r4u_s, upstream, mo
                 next(r.iter_raw())  # then hang up
         assert len(cookies_from_upstream) >= 8
 
-        # The outbox holds the records now (R4U holds every post): its raw bytes, WAL included.
-        deadline = time.monotonic() + 20
-        while tag.encode() not in outbox_bytes(sproxy):  # a positive control: records are readable there
-            assert time.monotonic() < deadline, "the records never reached the outbox file"
-            time.sleep(0.1)
-        time.sleep(1)
+        # The outbox holds the 10 records now (R4U holds every post): its raw bytes, WAL included.
+        wait_for(lambda: read_stats(sproxy.outbox)["pending"] >= 10, what="the 10 records in the outbox")
+        assert tag.encode() in outbox_bytes(sproxy)  # a positive control: records are readable there
         assert secrets_in(outbox_bytes(sproxy), SECRET, R4U_KEY, *cookies_from_upstream) == []
     finally:
         r4u_s.clear_faults()
@@ -192,7 +189,8 @@ def test_r4u_over_https_with_an_untrusted_certificate_is_never_delivered(tmp_pat
                   options={"r4u_ca_file": certifi.where()}, env={"R4U_API_KEY": R4U_KEY}) as proxy:
         run_one_request(proxy, monkeypatch, uuid.uuid4().hex)
         wait_log(proxy, r"certificate verify failed")
-        time.sleep(1)
+        wait_for(lambda: read_stats(proxy.outbox)["pending"] == 1, what="the record in the outbox")
+    assert "delivering 1 pending trace(s)" in proxy.log()  # the shutdown drain tried, too
     assert read_stats(proxy.outbox)["pending"] == 1
     assert len(tls_posts(upstream)) == posts_before
     assert R4U_KEY not in proxy.log() and not secrets_in(proxy.log(), SECRET)
@@ -214,3 +212,98 @@ def test_r4u_over_https_with_its_certificate_in_r4u_ca_file_is_reached(tmp_path,
     assert post["method"] == "POST" and ("x_api_key", R4U_KEY) in [(k.lower(), v) for k, v in post["headers"]]
     assert read_stats(proxy.outbox)["pending"] == 1
     assert "certificate verify failed" not in proxy.log().lower()
+
+
+# -- secrets inside bodies (r4u_mitm/redact.py) ------------------------------------------------------
+
+BODY_KEY = "session_ticket"  # the app's own secret field: named with r4u_redact_body_keys
+
+
+@pytest.fixture(scope="module")
+def body_upstream(tmp_path_factory):
+    """A fake upstream serving answers whose bodies carry SECRET: a chat stream (events with
+    `client_secret`, `api_key` and BODY_KEY next to token counts) and a Realtime client secret."""
+    import json
+
+    from tests.fakes.upstream import FakeUpstream
+
+    files = tmp_path_factory.mktemp("secret-bodies")
+    head = {"id": "chatcmpl-s1", "object": "chat.completion.chunk", "created": 1778822113, "model": "gpt-4o"}
+    events = [
+        {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+         BODY_KEY: SECRET},
+        {**head, "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}],
+         "client_secret": {"value": SECRET, "expires_at": 1778822173}},
+        {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {**head, "choices": [], "api_key": SECRET, "usage": {"prompt_tokens": 31, "completion_tokens": 1,
+                                                           "total_tokens": 32, "max_tokens": 50}},
+    ]
+    (files / "chat_secrets.sse").write_text(
+        "".join(f"data: {json.dumps(e, separators=(',', ':'))}\n\n" for e in events) + "data: [DONE]\n\n")
+    (files / "client_secret.json").write_text(json.dumps(
+        {"value": SECRET, "expires_at": 1778822173,
+         "session": {"type": "realtime", "object": "realtime.session", "model": "gpt-realtime"}}, indent=2))
+    fake = FakeUpstream(tls=True, streams_dir=files)
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+def test_secrets_in_bodies_reach_neither_r4u_nor_the_outbox(tmp_path, body_upstream, r4u_s, monkeypatch):
+    """An Azure chat with "On Your Data" credentials and the app's own secret field (extra_body),
+    answered by a stream whose events carry secrets, and a Realtime client secret: R4U and the
+    outbox file get the bodies with those values replaced, token counts and limits kept."""
+    import json
+
+    tag = uuid.uuid4().hex
+    data_sources = [
+        {"type": "azure_search", "parameters": {"endpoint": "https://s.search.windows.net", "index_name": "docs",
+                                                "authentication": {"type": "api_key", "key": SECRET}}},
+        {"type": "azure_cosmos_db", "parameters": {"index_name": "v", "authentication": {
+            "type": "connection_string", "connection_string": f"AccountEndpoint=x;AccountKey={SECRET}"}}},
+        {"type": "elasticsearch", "parameters": {"endpoint": "https://es", "authentication": {
+            "type": "encoded_api_key", "encoded_api_key": SECRET}}},
+    ]
+    with Mitmdump(tmp_path, r4u_url=r4u_s.url, upstream_port=body_upstream.port,
+                  options={"r4u_redact_body_keys": BODY_KEY}) as proxy:
+        for key, value in proxy.client_env().items():
+            monkeypatch.setenv(key, value)
+        r4u_s.hang(None)  # hold every post: the records wait in the outbox while we read its bytes
+        try:
+            azure = openai.AzureOpenAI(api_key=SECRET, api_version="2024-10-21", max_retries=0,
+                                       azure_endpoint="https://myres.openai.azure.com")
+            chunks = list(azure.chat.completions.create(
+                model="gpt-4o", messages=CHAT, stream=True, max_tokens=50,
+                extra_body={"data_sources": data_sources, BODY_KEY: SECRET},
+                extra_headers={"X-R4U-Test": tag, "x-fake": "stream=chat_secrets.sse"}))
+            assert chunks[-1].usage.total_tokens == 32  # the app got the answer as it was
+            realtime = openai.OpenAI(api_key=SECRET, max_retries=0).realtime.client_secrets.create(
+                session={"type": "realtime", "model": "gpt-realtime"},
+                extra_headers={"X-R4U-Test": tag, "x-fake": "stream=client_secret.json;content_type=application/json"})
+            assert realtime.value == SECRET
+            wait_for(lambda: read_stats(proxy.outbox)["pending"] >= 2, what="the 2 records in the outbox")
+            assert tag.encode() in outbox_bytes(proxy)  # a positive control: records are readable there
+            assert secrets_in(outbox_bytes(proxy), SECRET) == []
+        finally:
+            r4u_s.clear_faults()
+        chat, client_secret = sorted(traces_for(r4u_s, tag, 2), key=lambda t: t["request_path"])
+    assert secrets_in(outbox_bytes(proxy), SECRET) == [] and read_stats(proxy.outbox)["pending"] == 0
+    assert not secrets_in(proxy.log(), SECRET)
+    assert_no_secret(chat, client_secret)
+
+    request = json.loads(chat["request"])
+    assert request["max_tokens"] == 50 and request[BODY_KEY] == "[REDACTED]"
+    assert [s["parameters"]["authentication"] for s in request["data_sources"]] == [
+        {"type": "api_key", "key": "[REDACTED]"},
+        {"type": "connection_string", "connection_string": "[REDACTED]"},
+        {"type": "encoded_api_key", "encoded_api_key": "[REDACTED]"},
+    ]
+    served = (body_upstream.streams_dir / "chat_secrets.sse").read_text()
+    expected = served.replace(f'{{"value":"{SECRET}","expires_at":1778822173}}', '"[REDACTED]"')
+    assert chat["response"] == expected.replace(f'"{SECRET}"', '"[REDACTED]"')  # every other byte as served
+    assert chat["metadata"]["usage"]["total_tokens"] == 32 and chat["metadata"]["stream_complete"] is True
+    assert '"usage":{"prompt_tokens":31,"completion_tokens":1,"total_tokens":32,"max_tokens":50}' in chat["response"]
+
+    assert client_secret["request_path"] == "/v1/realtime/client_secrets"
+    assert json.loads(client_secret["response"])["value"] == "[REDACTED]"
+    assert json.loads(client_secret["response"])["expires_at"] == 1778822173

@@ -8,9 +8,11 @@ import stat
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
+from r4u_mitm import spool as spool_module
 from r4u_mitm.deliver import build
 from r4u_mitm.record import Exchange, build_record
 from r4u_mitm.spool import Spool, SpoolClosed, SpoolError, pack, read_stats, unpack
@@ -265,17 +267,24 @@ def test_closed_outbox_says_so(path):
         put(box, 1)
 
 
-def test_read_stats_reads_without_creating_anything(path, tmp_path):
+def test_read_stats_reads_without_creating_anything(path, tmp_path, monkeypatch):
+    now = [1_700_000_000.0]  # the spool's wall clock, set by the test
+    monkeypatch.setattr(spool_module, "time", SimpleNamespace(time=lambda: now[0]))
     with Spool(path) as box:
-        put(box, 1, 2)
+        put(box, 1)
+        now[0] += 10
+        put(box, 2)
         box.settle(delivered=[box.claim(1)[0].id])
-        live = read_stats(path)  # while the outbox is open (a proxy running)
+        now[0] += 2.5
+        live = read_stats(path)  # while the spool is open (a proxy running)
         assert live["pending"] == 1 and live["delivered"] == 1
+        assert live["oldest_pending_age_s"] == 2.5  # t2's age: t1, older, was delivered
     before = sorted(os.listdir(path.parent))
+    now[0] += 30
     stats = read_stats(path)
     assert sorted(os.listdir(path.parent)) == before == ["outbox.sqlite"]
     assert stats["pending"] == 1 and stats["delivered"] == 1 and stats["outbox"] == str(path)
-    assert stats["oldest_pending_age_s"] >= 0
+    assert stats["oldest_pending_age_s"] == 32.5
     with pytest.raises(FileNotFoundError):
         read_stats(tmp_path / "nothing.sqlite")
     assert not (tmp_path / "nothing.sqlite").exists()
@@ -289,5 +298,58 @@ def test_bounds_must_be_positive(path):
 def test_a_file_that_is_not_an_outbox_says_so(tmp_path):
     path = tmp_path / "outbox.sqlite"
     path.write_bytes(b"this is not a database at all" * 100)
-    with pytest.raises(SpoolError, match="cannot use the outbox"):
+    with pytest.raises(SpoolError, match=r"is not an r4u-mitm outbox \(not a SQLite database\)$"):
         Spool(path)
+    assert path.read_bytes() == b"this is not a database at all" * 100
+
+
+def test_someone_elses_database_is_left_alone(tmp_path):
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE pending (x)")
+    before = path.read_bytes()
+    with pytest.raises(SpoolError, match=r"is not an r4u-mitm outbox \(a SQLite database of something else\)$"):
+        Spool(path)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["app.db"]  # not even a -wal file
+
+
+def test_a_place_that_cannot_be_written_says_so(tmp_path):
+    with pytest.raises(SpoolError, match="^cannot create /proc/r4u/outbox.sqlite: No such file or directory$") as err:
+        Spool("/proc/r4u/outbox.sqlite")
+    assert isinstance(err.value.__cause__, OSError)
+
+
+def test_secret_body_members_never_reach_the_disk_and_the_pieces_keep_their_times(path):
+    secret = "sk-SECRET-body-0042"
+    events = [b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n',
+              b'data: {"choices":[],"client_secret":{"value":"' + secret.encode() + b'"},"usage":{"total_tokens":3}}\n\n',
+              b"data: [DONE]\n\n"]
+    raw = b"".join(events)
+    pieces = [raw[i:i + 7] for i in range(0, len(raw), 7)]  # a secret cut across pieces
+    ex = exchange("t1")
+    ex.request_body = b'{"model":"m","api_key":"' + secret.encode() + b'","max_tokens":5}'
+    ex.response_headers = [("content-type", "text/event-stream")]
+    ex.stream, ex.pieces, ex.piece_times = True, pieces, [10.0 + i / 100 for i in range(len(pieces))]
+    with Spool(path) as box:
+        box.append([pack(ex, {**OPTIONS, "redact_body_keys": ["nothing_here"]})])
+        (row,) = box.claim(1)
+    assert secret.encode() not in b"".join(p.read_bytes() for p in path.parent.iterdir())
+    back, options = unpack(row)
+    assert b"".join(back.pieces) == raw.replace(b'{"value":"' + secret.encode() + b'"}', b'"[REDACTED]"')
+    assert len(back.pieces) == len(back.piece_times) == len(pieces) and back.piece_times == ex.piece_times
+    assert back.request_body == b'{"model":"m","api_key":"[REDACTED]","max_tokens":5}'
+    record, original = build_record(back, **options), build_record(ex, **options)
+    assert record["response"] == original["response"] and record["metadata"] == original["metadata"]
+
+
+def test_a_compressed_body_is_stored_as_it_came(path):
+    import gzip
+
+    ex = exchange("t1")
+    ex.pieces = [gzip.compress(b'{"api_key":"sk-in-gzip"}')]
+    ex.response_headers = [("content-type", "application/json"), ("content-encoding", "gzip")]
+    with Spool(path) as box:
+        box.append([pack(ex, OPTIONS)])
+        (row,) = box.claim(1)
+    assert row.response_body == ex.pieces[0]  # not decoded in the proxy: the deliverer redacts it
+    assert json.loads(build(row)[0])["response"] == '{"api_key":"[REDACTED]"}'

@@ -1,26 +1,23 @@
-"""SSEDecoder against the WHATWG event-stream rules (facts §5) and the shared example streams."""
+"""SSEDecoder against the WHATWG event-stream rules (facts §5) and the example streams."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from r4u_mitm.sse import Event, SSEDecoder
+from tests.harness import STREAMS
 
-# The repo and shared/ are siblings (here and in CI).
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-STREAMS = SHARED / "streams"
 FRAMING = STREAMS / "framing"
 ALL_STREAMS = sorted(STREAMS.rglob("*.sse"))
 EXPECTED = json.loads((FRAMING / "EXPECTED.json").read_text(encoding="utf-8"))
 
 
 def _variants() -> dict[str, bytes]:
-    """Every shared stream, plus CRLF and CR-only versions of the LF ones with several lines per
+    """Every example stream, plus CRLF and CR-only versions of the LF ones with several lines per
     event (where an LF taken for a second line ending would split an event)."""
     cases = {f"{p.parent.name}/{p.name}": p.read_bytes() for p in ALL_STREAMS}
     for name in ["framing/multiline_data.sse", "openai_responses/text.sse", "anthropic/text.sse"]:
@@ -53,7 +50,7 @@ def awkward_cuts(raw: bytes) -> list[int]:
     return [i for i in range(1, len(raw)) if raw[i - 1] == 0x0D or 0x80 <= raw[i] <= 0xBF]
 
 
-def test_shared_streams_are_there():
+def test_example_streams_are_there():
     assert len(ALL_STREAMS) >= 30
     assert set(EXPECTED) == {p.name for p in FRAMING.glob("*.sse")}
 
@@ -82,8 +79,8 @@ def test_unterminated_tail_sets_pending():
 
 def test_multiline_fields():
     first = decode((FRAMING / "multiline_data.sse").read_bytes())[0]
-    assert first.retry == 3000
-    assert first.event == "response.output_text.delta"
+    assert first.retry == 1500
+    assert first.event == "content_block_delta"
 
 
 def test_example_streams_parse_as_json():

@@ -4,12 +4,18 @@ trace that reaches the fake R4U. Covers every endpoint, streams ended every way,
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import re
+import uuid
 
 import openai
 import pytest
 
 from tests.conftest import SECRET, assert_no_secret, headers, stream_bytes, traces_for
+from tests.harness import ROOT, Mitmdump, wait_for
+
+KEPT = ROOT / "tests" / "fakes" / "kept.py"
 
 CHAT = [{"role": "user", "content": "Say hello in French"}]
 
@@ -265,6 +271,22 @@ def test_other_hosts_and_skip_are_not_traced(app_env, r4u, tag):
     assert "authorization" not in trace["request_headers"]
 
 
+def test_r4u_tags_never_go_upstream_even_from_hosts_not_traced(app_env, upstream):
+    """An app tags every request the same way (the SDK's default_headers), whatever the host:
+    a host that is not traced does not get the tags either."""
+    import httpx
+
+    test_id = uuid.uuid4().hex
+    with httpx.Client(proxy=app_env.url, verify=str(app_env.ca_file)) as client:
+        answer = client.get("https://example.com/v1/models",
+                            headers={"X-R4U-Session": "s-1", "x-r4u-user": "ada", "x-test-id": test_id})
+    assert answer.status_code == 200
+    (sent,) = [[(k.lower(), v) for k, v in r["headers"]] for r in list(upstream.requests)
+               if ("x-test-id", test_id) in [(k.lower(), v) for k, v in r["headers"]]]
+    assert [k for k, _ in sent if k.startswith("x-r4u-")] == []
+    assert ("host", "example.com") in sent  # it was the untraced host's request
+
+
 def test_no_secret_anywhere(proxy, r4u):
     """Runs after the others in this module: nothing R4U got, logged or kept holds the key."""
     assert r4u.received
@@ -289,3 +311,33 @@ def test_framing_cases_through_the_proxy_split_byte_by_byte(openai_client, r4u, 
     assert trace["response"] == raw.decode("utf-8", "replace")
     assert trace["metadata"]["events"] == len(FRAMING[name])
     assert trace["metadata"]["response_bytes"] == len(raw)
+
+
+@pytest.mark.parametrize("ending", ["complete", "cut by the upstream"])
+def test_store_streamed_bodies_keeps_the_bytes_the_client_got(tmp_path, upstream, r4u, ending):
+    """mitmproxy's own `store_streamed_bodies`, with plain mitmdump: every addon after the tracer
+    (here tests/fakes/kept.py), flow_detail and save files see the streamed body in the flow,
+    byte for byte what the client got: kept by mitmproxy when the response ends well, put back
+    from the tracer's tee when it does not (an `error` ending, where mitmproxy keeps nothing)."""
+    import httpx
+
+    x_fake = "synth=30;chunk=random:3" + (";cut_after=12" if ending != "complete" else "")
+    test_id = uuid.uuid4().hex
+    with Mitmdump(tmp_path, r4u_url=r4u.url, upstream_port=upstream.port,
+                  options={"store_streamed_bodies": "true"}, args=("-s", str(KEPT))) as proxy:
+        got = []
+        with httpx.Client(proxy=proxy.url, verify=str(proxy.ca_file)) as client:
+            try:
+                with client.stream("POST", "https://api.openai.com/v1/chat/completions",
+                                   json={"model": "gpt-4o-mini", "messages": CHAT, "stream": True},
+                                   headers={"x-fake": x_fake, "x-test-id": test_id}) as answer:
+                    for piece in answer.iter_raw():
+                        got.append(piece)
+            except httpx.RemoteProtocolError:
+                assert ending != "complete"
+        kept = wait_for(lambda: re.search(rf"kept (no )?body of {test_id}(: (\d+) bytes sha256 (\w+))?", proxy.log()),
+                        what="the kept-body line")
+    body = b"".join(got)
+    assert body.startswith(b"data: ") and (body.endswith(b"data: [DONE]\n\n") == (ending == "complete"))
+    assert kept.group(1) is None, "the flow kept no body"
+    assert (int(kept.group(3)), kept.group(4)) == (len(body), hashlib.sha256(body).hexdigest())

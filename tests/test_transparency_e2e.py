@@ -32,8 +32,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from r4u_mitm.flows import NOT_STORED
+from r4u_mitm.spool import read_stats
 from tests.conftest import SECRET, traces_for
-from tests.harness import ROOT, Mitmdump
+from tests.harness import ROOT, Mitmdump, wait_for
 
 try:
     from compression import zstd  # type: ignore[import-not-found]
@@ -309,15 +310,17 @@ def status(proxy: Mitmdump) -> dict[str, str]:
     return dict(item.split("=", 1) for item in control(proxy, "/status").split(", "))
 
 
-def wait_for(predicate, timeout: float = 15, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+def settled(proxy: Mitmdump, r4u) -> None:
+    """Wait until the addon is done with every exchange made so far: no traced flow is open (a
+    flow's trace is handed to the delivery in the hook that closes it), a sentinel exchange made
+    after that reached R4U (the deliverer claims exchanges oldest first), and
+    the outbox holds nothing more. Then nothing more of those exchanges can appear."""
+    wait_for(lambda: status(proxy)["open"] == "0", what="no traced flow open")
+    tag = uuid.uuid4().hex
+    with make_client(proxy) as client:
+        fetch(client, "chunk=7", test_id=uuid.uuid4().hex, tag=tag, body={"model": "gpt-4o-mini", "messages": []})
+    traces_for(r4u, tag)
+    wait_for(lambda: read_stats(proxy.outbox)["pending"] == 0, what="an empty outbox")
 
 
 STREAM = "synth=12;chunk=random:5"  # 15 events, cut at random
@@ -329,7 +332,7 @@ PARSE = r"r4u-mitm: internal error reading the response of trace ([0-9a-f-]{36})
 # fault -> (log line pattern, which requests it hits, status counter, what R4U gets)
 FAULT_CASES = {
     # Hooks: caught by the addon's boundary, logged with the flow id, counted as internal_errors.
-    # (match: the flow goes untraced, its X-R4U-* tags then reach the upstream; tap_init: the
+    # (match: the flow goes untraced, its X-R4U-* tags already taken out; tap_init: the
     # stream still streams to the app, untapped, so its trace says the body was not kept.)
     "match": (HOOK.format(hook="requestheaders", fault="match"), "both", "internal_errors", "nothing"),
     "tap_init": (HOOK.format(hook="responseheaders", fault="tap_init"), "stream", "internal_errors", "not_kept"),
@@ -340,6 +343,7 @@ FAULT_CASES = {
     "build_record": (STORE.format(fault="build_record"), "both", "record_errors", "nothing"),
     # Parsing: the record is kept without its summary (metadata.parse_error), logged with the trace id.
     "sse_feed": (PARSE, "stream", None, "parse_error"),
+    "fast_read": (PARSE, "stream", None, "parse_error"),
     "stream_summary": (PARSE, "stream", None, "parse_error"),
     "body_summary": (PARSE, "json", None, "parse_error"),
 }
@@ -379,7 +383,7 @@ def test_a_fault_in_the_addon_never_reaches_the_client(faulty, upstream, r4u, fa
         return re.findall(pattern, faulty.log()[before_log:])
 
     wait_for(lambda: len(lines()) >= expected, what=f"{expected} log line(s) matching {pattern}")
-    time.sleep(0.5)  # and no more than that
+    settled(faulty, r4u)  # and no more than that
     found = lines()
     assert len(found) == expected, found  # once per affected flow
     if "(" in pattern.replace(r"\(", ""):  # the line names the flow (hooks) or the trace (parsing)
@@ -391,7 +395,6 @@ def test_a_fault_in_the_addon_never_reaches_the_client(faulty, upstream, r4u, fa
     assert all(after[c] == before[c] for c in other)
 
     if outcome == "nothing":
-        time.sleep(0.5)
         assert [t for t in r4u.received if t["metadata"].get("properties", {}).get("test") == tag] == []
         return
     traces = {("stream" if t["metadata"]["stream"] else "json"): t for t in traces_for(r4u, tag, 2)}
@@ -469,7 +472,7 @@ def test_a_failing_tap_clock_is_logged_and_counted(faulty, upstream, r4u):
         run_both(faulty, upstream, uuid.uuid4().hex)
     finally:
         control(faulty, "/fault/none")
-    time.sleep(1)
+    settled(faulty, r4u)
     assert "injected fault: tap_clock" in faulty.log()[before_log:]
     assert int(status(faulty)["internal_errors"]) == int(before["internal_errors"]) + 1
 

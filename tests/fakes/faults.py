@@ -17,11 +17,12 @@ Faults (each raises `RuntimeError("injected fault: <name>")` where it says):
     freeze          flows.freeze as the addon calls it              -> addon `response`/`error` hooks
     submit          supervisor.Link.append                          -> addon `response`/`error` hooks
     build_record    record.build_record                             -> the deliverer, building the record
-    sse_feed        sse.SSEDecoder.feed                             -> the deliverer, parsing
+    sse_feed        sse.SSEDecoder.feed, with the fast path off     -> the deliverer, parsing
+    fast_read       fastpath.read_stream (the usual chat stream)    -> the deliverer, parsing
     stream_summary  providers.stream_summary                        -> the deliverer, parsing
     body_summary    providers.body_summary                          -> the deliverer, parsing
 
-The last four happen in another process, later: while one of them is active, the traces of the
+The last five happen in another process, later: while one of them is active, the traces of the
 flows that start get the property `fault=<name>`, which the deliverer's patches look for (and
 remove before building). mitmproxy loads the addon as a script module that is not in
 sys.modules, and the addon binds `freeze` and `Tap` by name: those are patched in the addon
@@ -36,7 +37,7 @@ from mitmproxy import ctx, http
 
 from r4u_mitm import providers, supervisor
 
-DELIVERER_FAULTS = frozenset({"build_record", "sse_feed", "stream_summary", "body_summary"})
+DELIVERER_FAULTS = frozenset({"build_record", "sse_feed", "fast_read", "stream_summary", "body_summary"})
 DELIVERER_FAULTS_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parent / "deliverer_faults"),
                         "R4U_TEST_DELIVERER_FAULTS": "1"}
 CONTROL_HOST = "r4u-faults.test"

@@ -83,8 +83,7 @@ Without ``x-fake``, realistic defaults by route (JSON bodies the openai SDK pars
 Every response carries x-request-id: req_<32 hex>, openai-processing-ms, openai-version, x-ratelimit-*,
 set-cookie: __cf_bm=<random>; path=/; HttpOnly (a secret to be redacted), date, and the like.
 
-The stream files are looked up in ``streams_dir``, else $R4U_STREAMS_DIR, else tests/data/streams
-in the repo, else /work/shared/streams.
+The stream files are looked up in ``streams_dir``, else $R4U_STREAMS_DIR, else tests/data/streams.
 """
 
 from __future__ import annotations
@@ -117,20 +116,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from tests.harness import STREAMS
+
 __all__ = ["FakeUpstream", "default_streams_dir", "split_events", "synth_text", "make_cert", "get_header"]
 
-_REPO = Path(__file__).resolve().parents[2]
 _BASE62 = string.ascii_letters + string.digits
 
 
 def default_streams_dir() -> Path:
     env = os.environ.get("R4U_STREAMS_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [_REPO / "tests" / "data" / "streams", Path("/work/shared/streams")]
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return candidates[-1]
+    return Path(env) if env else STREAMS
 
 
 def get_header(headers: list[tuple[str, str]], name: str) -> str | None:

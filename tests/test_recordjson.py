@@ -1,0 +1,102 @@
+"""recordjson.encode_record: byte for byte what one json.dumps of the record gives, built in slices."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from r4u_mitm import recordjson
+from r4u_mitm.deliver import encode
+from r4u_mitm.record import Exchange, build_record
+from r4u_mitm.recordjson import encode_record
+from tests.harness import STREAMS
+
+
+def reference(record) -> bytes:
+    """How records were encoded before: one json.dumps, ASCII escapes when not UTF-8."""
+    text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(record, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+TEXTS = [
+    "", "plain", "é", "日本語", "😀 outside the BMP", "\ud83d\ude00 a pair of surrogate code points",
+    "a lone \ud800", "\udfff", "controls \x00\x01\x1f\x7f \n\r\t \"quoted\" \\ / \b\f", "\u2028\u2029",
+    "\ufeff", "x" * 300,
+]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, recordjson.SLICE])
+@pytest.mark.parametrize("text", TEXTS)
+def test_slices_splice_into_the_same_bytes(size, text):
+    record = {"request": text * 5, "response": "é😀" + text * 11, "metadata": {"model": text, "n": [1, 2.5]},
+              "error": None}
+    with mock.patch.object(recordjson, "SLICE", size):
+        assert encode_record(record) == reference(record)
+
+
+@pytest.mark.parametrize("record", [{}, {"a": 1}, {1: "x" * 50, "b": "y" * 50}, {None: 1, True: 2, 1.5: 3},
+                                    [1, "x" * 50], "x" * 50, {"nan": float("nan"), "inf": float("-inf")}])
+def test_other_shapes(record):
+    with mock.patch.object(recordjson, "SLICE", 3):
+        assert encode_record(record) == reference(record)
+
+
+def test_outbox_encodes_with_it():
+    record = {"response": "a lone \ud800 " * 100, "metadata": {}}
+    with mock.patch.object(recordjson, "SLICE", 7):
+        assert encode(record) == encode_record(record) == reference(record)
+    assert b"\\ud800" in encode(record)
+
+
+@pytest.mark.parametrize("name", ["openai_chat/basic.sse", "framing/invalid_utf8.sse", "anthropic/thinking.sse"])
+def test_real_records(name):
+    raw = (STREAMS / name).read_bytes()
+    ex = Exchange(trace_id="t", provider="openai", url="https://api.openai.com/v1/chat/completions", method="POST",
+                  path="/v1/chat/completions", request_headers=[("content-type", "application/json")],
+                  request_body='{"q":"😀 é \ud800"}'.encode("utf-8", "surrogatepass"), started_wall=1.7e9,
+                  started=1.0, ended=2.0, status_code=200, stream=True, pieces=[raw], piece_times=[1.5],
+                  response_headers=[("content-type", "text/event-stream")])
+    record = build_record(ex, max_body_bytes=1 << 20)
+    for size in (5, 100, recordjson.SLICE):
+        with mock.patch.object(recordjson, "SLICE", size):
+            assert encode_record(record) == reference(record)
+
+
+def test_a_big_record_peaks_at_about_its_bytes():
+    record = {"request": "{}", "response": ("é😀 token " * 100 + "\n") * 20_000, "metadata": {"events": 1}}
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        blob = encode_record(record)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert len(blob) > 20_000_000
+    assert peak < 1.5 * len(blob)  # one json.dumps of it: the text (4 bytes a character), then its bytes
+    assert blob == reference(record)
+
+
+characters = st.characters(exclude_categories=())  # surrogates too
+values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(characters) | st.sampled_from(TEXTS),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(characters, max_size=5), children,
+                                                                        max_size=4),
+    max_leaves=12,
+)
+records = st.dictionaries(st.text(characters, max_size=8) | st.sampled_from(["request", "response"]),
+                          values | st.text(characters, min_size=10, max_size=200), max_size=8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(record=records | st.dictionaries(st.integers() | st.none(), values, max_size=3), size=st.integers(1, 20))
+def test_any_record_same_bytes(record, size):
+    with mock.patch.object(recordjson, "SLICE", size):
+        assert encode_record(record) == reference(record)
