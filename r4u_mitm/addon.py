@@ -22,7 +22,7 @@ from typing import Optional
 
 from mitmproxy import command, ctx, exceptions, hooks, http
 
-from r4u_mitm import contentview, providers
+from r4u_mitm import contentview, hosts
 from r4u_mitm.flows import freeze, pop_tags, skip_requested
 from r4u_mitm.outbox import OutboxError
 from r4u_mitm.record import build_record
@@ -69,7 +69,7 @@ def guarded(hook):
 
 class R4UTracer:
     def __init__(self) -> None:
-        self.rules = providers.parse_host_rules(providers.DEFAULT_HOSTS)
+        self.rules = hosts.parse_host_rules(hosts.DEFAULT_HOSTS)
         self.delivery: Delivery | None = None
         self.delivery_settings: dict | None = None  # what self.delivery was made from
         self.configured = False
@@ -88,7 +88,7 @@ class R4UTracer:
             "Default: $R4U_API_URL, else http://localhost:8000. Set R4U_API_KEY to send a key.",
         )
         loader.add_option(
-            "r4u_hosts", Sequence[str], list(providers.DEFAULT_HOSTS),
+            "r4u_hosts", Sequence[str], list(hosts.DEFAULT_HOSTS),
             "Hosts whose traffic is traced, as the client asked for them: 'host' or 'host=provider', "
             "wildcards ('*.openai.azure.com') and ports ('localhost:8000=openai_compatible') allowed. "
             "Providers: openai, azure_openai, anthropic, openai_compatible.",
@@ -136,7 +136,7 @@ class R4UTracer:
         opts = ctx.options
         if "r4u_hosts" in updated:
             try:
-                self.rules = providers.parse_host_rules(opts.r4u_hosts)
+                self.rules = hosts.parse_host_rules(opts.r4u_hosts)
             except ValueError as exc:
                 raise exceptions.OptionsError(f"r4u_hosts: {exc}") from None
         for name in ("r4u_max_body_bytes", "r4u_outbox_max_records", "r4u_outbox_max_mb"):

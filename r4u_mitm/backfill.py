@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mitmproxy import http, io
 
-from r4u_mitm import providers
+from r4u_mitm import hosts
 from r4u_mitm.flows import freeze, pop_tags, skip_requested
 from r4u_mitm.record import build_record
 from r4u_mitm.sender import Delivery
@@ -28,7 +28,7 @@ DEFAULT_OUTBOX = Path("~/.mitmproxy/r4u-outbox.sqlite")
 TRACE_NAMESPACE = uuid.UUID("6f1c9a52-0d7e-4d4b-9a3e-5b2f0e1c7a11")
 
 
-def submit_flows(path: Path, delivery: Delivery, rules: providers.HostRules, *, progress=None,
+def submit_flows(path: Path, delivery: Delivery, rules: hosts.HostRules, *, progress=None,
                  **record_options) -> tuple[int, int]:
     """Read `path` and submit a record for each matching HTTP flow: (flows read, traced).
     `record_options` go to `build_record` (max_body_bytes, redact, redact_body_keys)."""
@@ -43,7 +43,7 @@ def submit_flows(path: Path, delivery: Delivery, rules: providers.HostRules, *, 
     return read, traced
 
 
-def _submit(flow: http.HTTPFlow, delivery: Delivery, rules: providers.HostRules, record_options: dict) -> bool:
+def _submit(flow: http.HTTPFlow, delivery: Delivery, rules: hosts.HostRules, record_options: dict) -> bool:
     provider = rules.match(flow.request.pretty_host, flow.request.port)
     if provider is None:
         return False
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="R4U's base URL (default: $R4U_API_URL or %(default)s)")
     parser.add_argument("--outbox", type=Path, default=Path(os.environ.get("R4U_OUTBOX", DEFAULT_OUTBOX)),
                         help="the outbox the traces go through (default: %(default)s, the proxy's)")
-    parser.add_argument("--hosts", nargs="+", default=list(providers.DEFAULT_HOSTS),
+    parser.add_argument("--hosts", nargs="+", default=list(hosts.DEFAULT_HOSTS),
                         help="hosts to trace, as r4u_hosts (default: %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
     parser.add_argument("--redact-headers", nargs="+", action="extend", default=[], metavar="NAME",
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.flows.is_file():
         parser.error(f"no such flow file: {args.flows}")
     try:
-        rules = providers.parse_host_rules(args.hosts)
+        rules = hosts.parse_host_rules(args.hosts)
     except ValueError as exc:
         parser.error(f"--hosts: {exc}")
     delivery = Delivery(api_url=args.r4u_url, api_key=os.environ.get("R4U_API_KEY") or None,
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if left == 0 else 3
 
 
-async def _run(args, delivery: Delivery, rules: providers.HostRules) -> tuple[int, int]:
+async def _run(args, delivery: Delivery, rules: hosts.HostRules) -> tuple[int, int]:
     delivery.start()
 
     def progress(read: int, traced: int) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from r4u_mitm import fastpath, providers
+from r4u_mitm import dialects, fastpath
 from r4u_mitm.encoding import BodyDecoder, decode_body
 from r4u_mitm.redact import REDACTED, body_redactor, is_secret_header, redact_url
 from r4u_mitm.sse import SSEDecoder
@@ -110,7 +110,7 @@ def build_record(ex: Exchange, *, max_body_bytes: int, redact: Iterable[str] = (
             b"".join(ex.pieces), encoding, resp_type, max_body_bytes
         )
         try:
-            found = providers.body_summary(ex.provider, ex.path, response_text)
+            found = dialects.body_summary(ex.provider, ex.path, response_text)
         except Exception as exc:  # noqa: BLE001 - a parser bug must not lose the trace
             parse_error = _parse_failed(ex, exc)
             found = {}
@@ -168,7 +168,7 @@ def _read_stream(ex: Exchange, encoding: str | None, limit: int):
         return fast
     body = BodyDecoder(encoding, limit)
     decoder = SSEDecoder()
-    summary = providers.stream_summary(ex.provider, ex.path)
+    summary = dialects.stream_summary(ex.provider, ex.path)
     decoded: list[bytes] = []
     ttft_at: float | None = None
     times = ex.piece_times if len(ex.piece_times) == len(ex.pieces) else [None] * len(ex.pieces)

@@ -9,7 +9,7 @@ driven through the proxy itself, by plain-HTTP requests to the made-up host `r4u
     GET http://r4u-faults.test/status        the addon's `r4u.status` command output.
 
 Faults (each raises `RuntimeError("injected fault: <name>")` where it says):
-    match           providers.HostRules.match, for provider hosts   -> addon `requestheaders` hook
+    match           hosts.HostRules.match, for provider hosts       -> addon `requestheaders` hook
     tap_init        Tap(...) as the addon builds it                 -> addon `responseheaders` hook
     tap_clock       the clock of each Tap the addon builds          -> inside the stream callable
     freeze          flows.freeze as the addon calls it              -> addon `response`/`error` hooks
@@ -17,8 +17,8 @@ Faults (each raises `RuntimeError("injected fault: <name>")` where it says):
     build_record    record.build_record as the addon calls it       -> the delivery's store thread
     sse_feed        sse.SSEDecoder.feed, with the fast path off     -> record building (store thread)
     fast_read       fastpath.read_stream (the usual chat stream)    -> record building (store thread)
-    stream_summary  providers.stream_summary                        -> record building (store thread)
-    body_summary    providers.body_summary                          -> record building (store thread)
+    stream_summary  dialects.stream_summary                         -> record building (store thread)
+    body_summary    dialects.body_summary                           -> record building (store thread)
 
 mitmproxy loads the addon as a script module that is not in sys.modules, and the addon binds
 `build_record`, `freeze` and `Tap` by name (`from r4u_mitm.record import build_record`): those
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from mitmproxy import ctx, http
 
-from r4u_mitm import fastpath, providers, sender, sse
+from r4u_mitm import dialects, fastpath, hosts, sender, sse
 
 CONTROL_HOST = "r4u-faults.test"
 
@@ -79,14 +79,14 @@ class Faults:
         addon_globals = type(self._tracer()).__init__.__globals__  # the addon module's namespace
         boom = _boom(fault)
         if fault == "match":
-            real_match = providers.HostRules.match
+            real_match = hosts.HostRules.match
 
             def match(rules, host, port=None):
                 if host == CONTROL_HOST:
                     return real_match(rules, host, port)
                 raise RuntimeError("injected fault: match")
 
-            self._set(providers.HostRules, "match", match)
+            self._set(hosts.HostRules, "match", match)
         elif fault == "tap_init":
             self._set(addon_globals, "Tap", boom)
         elif fault == "tap_clock":
@@ -104,9 +104,9 @@ class Faults:
         elif fault == "fast_read":
             self._set(fastpath.__dict__, "read_stream", boom)
         elif fault == "stream_summary":
-            self._set(providers.__dict__, "stream_summary", boom)
+            self._set(dialects.__dict__, "stream_summary", boom)
         elif fault == "body_summary":
-            self._set(providers.__dict__, "body_summary", boom)
+            self._set(dialects.__dict__, "body_summary", boom)
         else:
             raise ValueError(f"unknown fault {fault!r}")
         self.active = fault
