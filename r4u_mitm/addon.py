@@ -22,7 +22,7 @@ from typing import Optional
 
 from mitmproxy import command, ctx, exceptions, hooks, http
 
-from r4u_mitm import contentview, providers, supervisor
+from r4u_mitm import contentview, hosts, supervisor
 from r4u_mitm.deliver import ssl_context
 from r4u_mitm.flows import Trace, freeze, pop_tags, skip_requested
 from r4u_mitm.policy import SetupError, check_api_url, safe_url, traces_urls
@@ -55,7 +55,7 @@ def guarded(hook):
 
 class R4UTracer:
     def __init__(self) -> None:
-        self.rules = providers.parse_host_rules(providers.DEFAULT_HOSTS)
+        self.rules = hosts.parse_host_rules(hosts.DEFAULT_HOSTS)
         self.link: supervisor.Link | None = None  # None: not configured, or its options were refused
         self.configured = False
 
@@ -68,7 +68,7 @@ class R4UTracer:
             "Default: $R4U_API_URL, else http://localhost:8000. Set R4U_API_KEY to send a key.",
         )
         loader.add_option(
-            "r4u_hosts", Sequence[str], list(providers.DEFAULT_HOSTS),
+            "r4u_hosts", Sequence[str], list(hosts.DEFAULT_HOSTS),
             "Hosts whose traffic is traced, as the client asked for them: 'host' or 'host=provider', "
             "wildcards ('*.openai.azure.com') and ports ('localhost:8000=openai_compatible') allowed. "
             "Providers: openai, azure_openai, anthropic, openai_compatible.",
@@ -122,7 +122,7 @@ class R4UTracer:
         opts = ctx.options
         if "r4u_hosts" in updated:
             try:
-                self.rules = providers.parse_host_rules(opts.r4u_hosts)
+                self.rules = hosts.parse_host_rules(opts.r4u_hosts)
             except ValueError as exc:
                 raise exceptions.OptionsError(f"r4u_hosts: {exc}") from None
         for name in ("r4u_max_body_bytes", "r4u_outbox_max_records", "r4u_outbox_max_mb", "r4u_memory_mb"):

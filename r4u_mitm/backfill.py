@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mitmproxy import http, io
 
-from r4u_mitm import providers, supervisor
+from r4u_mitm import hosts, supervisor
 from r4u_mitm.cli import DEFAULT_OUTBOX
 from r4u_mitm.flows import freeze, pop_tags, skip_requested
 from r4u_mitm.spool import Spool, pack
@@ -26,7 +26,7 @@ TRACE_NAMESPACE = uuid.UUID("6f1c9a52-0d7e-4d4b-9a3e-5b2f0e1c7a11")
 BATCH = 256
 
 
-def spool_flows(path: Path, spool: Spool, rules: providers.HostRules, *, options: dict,
+def spool_flows(path: Path, spool: Spool, rules: hosts.HostRules, *, options: dict,
                 progress=None) -> tuple[int, list[str], int]:
     """Read `path` and append each matching HTTP flow's exchange to `spool`:
     (flows read, trace ids added, trace ids the spool had already)."""
@@ -56,7 +56,7 @@ def spool_flows(path: Path, spool: Spool, rules: providers.HostRules, *, options
     return read, added, skipped
 
 
-def _exchange(flow: http.HTTPFlow, rules: providers.HostRules):
+def _exchange(flow: http.HTTPFlow, rules: hosts.HostRules):
     provider = rules.match(flow.request.pretty_host, flow.request.port)
     if provider is None:
         return None
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="R4U's base URL (default: $R4U_API_URL or %(default)s)")
     parser.add_argument("--outbox", type=Path, default=Path(os.environ.get("R4U_OUTBOX", DEFAULT_OUTBOX)),
                         help="the spool the traces go through (default: %(default)s, the proxy's)")
-    parser.add_argument("--hosts", nargs="+", default=list(providers.DEFAULT_HOSTS),
+    parser.add_argument("--hosts", nargs="+", default=list(hosts.DEFAULT_HOSTS),
                         help="hosts to trace, as r4u_hosts (default: %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
     parser.add_argument("--redact-headers", nargs="+", action="extend", default=[], metavar="NAME",
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.flows.is_file():
         parser.error(f"no such flow file: {args.flows}")
     try:
-        rules = providers.parse_host_rules(args.hosts)
+        rules = hosts.parse_host_rules(args.hosts)
     except ValueError as exc:
         parser.error(f"--hosts: {exc}")
     path = args.outbox.expanduser()

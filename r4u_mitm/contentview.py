@@ -1,7 +1,7 @@
 """A mitmproxy content view for LLM event streams (``text/event-stream``), for mitmweb and the
 console: the stream's result put back together, the wire timing, then the events one by one.
 
-Pure rendering on top of ``providers.assemble`` and ``sse.SSEDecoder``: no I/O, no clock, and it
+Pure rendering on top of ``assembly.assemble`` and ``sse.SSEDecoder``: no I/O, no clock, and it
 never raises (a view that raises makes mitmproxy fall back to raw, hiding what went wrong). What
 it renders is bounded: it reads at most ``PARSE_LIMIT`` bytes of a body, lists at most
 ``MAX_EVENTS`` events and cuts long texts, and says so each time.
@@ -22,7 +22,7 @@ from typing import Any
 
 from mitmproxy import contentviews
 
-from r4u_mitm import providers
+from r4u_mitm import assembly, dialects, hosts
 from r4u_mitm.encoding import decode_body
 from r4u_mitm.sse import Event, SSEDecoder
 
@@ -39,10 +39,10 @@ MAX_TEXT_CHARS = 100_000  # characters of one assembled text (a message, argumen
 MAX_SNIFF = 50  # events looked at to guess the dialect
 
 DIALECT_NAMES = {
-    providers.CHAT: "Chat Completions",
-    providers.COMPLETIONS: "Completions (legacy)",
-    providers.RESPONSES: "Responses",
-    providers.MESSAGES: "Anthropic Messages",
+    dialects.CHAT: "Chat Completions",
+    dialects.COMPLETIONS: "Completions (legacy)",
+    dialects.RESPONSES: "Responses",
+    dialects.MESSAGES: "Anthropic Messages",
 }
 _ANTHROPIC_EVENTS = frozenset({
     "message_start", "message_delta", "message_stop",
@@ -144,7 +144,7 @@ def _render(data: bytes, metadata: Any, out: list[str]) -> None:
 
     provider = _provider(wire, request)
     dialect, how = _dialect(provider, path, events)
-    result = providers.assemble(provider or "", _path_for(dialect), events) if dialect else None
+    result = assembly.assemble(provider or "", _path_for(dialect), events) if dialect else None
 
     # Heading
     title = f"{DIALECT_NAMES.get(dialect, dialect)} stream" if dialect else "Event stream"
@@ -220,28 +220,20 @@ def _maybe_decode(data: bytes, metadata: Any, notes: list[str]) -> bytes:
 
 def _provider(wire: dict, request: Any) -> str | None:
     provider = wire.get("provider")
-    if isinstance(provider, str) and provider in providers.PROVIDERS:
+    if isinstance(provider, str) and provider in hosts.PROVIDERS:
         return provider
     host = (_text_attr(request, "pretty_host") or _text_attr(request, "host")).lower().rstrip(".")
-    if not host:
-        return None
-    if host == "api.openai.com":
-        return providers.OPENAI
-    if host.endswith(".openai.azure.com"):
-        return providers.AZURE_OPENAI
-    if host == "api.anthropic.com":
-        return providers.ANTHROPIC
-    return providers.OPENAI_COMPATIBLE
+    return hosts.infer_provider(host) if host else None
 
 
 def _dialect(provider: str | None, path: str, events: list[Event]) -> tuple[str | None, str]:
     """(dialect, how it was chosen). The flow decides when its path names the API; a path that
     says nothing (``dialect_for``'s chat fallback) or no flow at all: sniff the events. None when
     nothing says it is an LLM stream (any other event stream: shown as events only)."""
-    if path or provider == providers.ANTHROPIC:
-        dialect = providers.dialect_for(provider or "", path)
+    if path or provider == hosts.ANTHROPIC:
+        dialect = dialects.dialect_for(provider or "", path)
         bare = path.partition("?")[0].partition("#")[0].rstrip("/").lower()
-        if dialect != providers.CHAT or bare.endswith("/chat/completions"):
+        if dialect != dialects.CHAT or bare.endswith("/chat/completions"):
             return dialect, "flow"
     dialect = _sniff(events)
     if dialect is None:
@@ -250,11 +242,11 @@ def _dialect(provider: str | None, path: str, events: list[Event]) -> tuple[str 
 
 
 def _path_for(dialect: str) -> str:
-    """A path that ``providers.dialect_for`` maps to ``dialect`` (assemble takes provider+path)."""
+    """A path that ``dialects.dialect_for`` maps to ``dialect`` (assemble takes provider+path)."""
     return {
-        providers.RESPONSES: "/v1/responses",
-        providers.MESSAGES: "/v1/messages",
-        providers.COMPLETIONS: "/v1/completions",
+        dialects.RESPONSES: "/v1/responses",
+        dialects.MESSAGES: "/v1/messages",
+        dialects.COMPLETIONS: "/v1/completions",
     }.get(dialect, "/v1/chat/completions")
 
 
@@ -262,7 +254,7 @@ def sniff_dialect(events: Iterable[Event]) -> str:
     """Guess the dialect from the first events: Responses and Anthropic name their events (and
     repeat the name as the JSON ``type``); legacy Completions chunks carry ``text``, chat chunks
     a ``delta``. Chat when nothing tells."""
-    return _sniff(events) or providers.CHAT
+    return _sniff(events) or dialects.CHAT
 
 
 def _sniff(events: Iterable[Event]) -> str | None:
@@ -271,33 +263,33 @@ def _sniff(events: Iterable[Event]) -> str | None:
             break
         name = event.event
         if name.startswith("response."):
-            return providers.RESPONSES
+            return dialects.RESPONSES
         if name in _ANTHROPIC_EVENTS:
-            return providers.MESSAGES
-        ok, d = _json(event.data)
+            return dialects.MESSAGES
+        ok, d = dialects.parse_json(event.data)
         if not ok or not isinstance(d, dict):
             continue
         kind = d.get("type")
         if isinstance(kind, str):
             if kind.startswith("response."):
-                return providers.RESPONSES
+                return dialects.RESPONSES
             if kind in _ANTHROPIC_EVENTS:
-                return providers.MESSAGES
+                return dialects.MESSAGES
         obj = d.get("object")
         if obj == "text_completion":
-            return providers.COMPLETIONS
+            return dialects.COMPLETIONS
         if obj == "chat.completion.chunk":
-            return providers.CHAT
+            return dialects.CHAT
         choices = d.get("choices")
         if isinstance(choices, list):
             for c in choices:
                 if isinstance(c, dict):
                     if "delta" in c:
-                        return providers.CHAT
+                        return dialects.CHAT
                     if "text" in c:
-                        return providers.COMPLETIONS
+                        return dialects.COMPLETIONS
         elif isinstance(d.get("error"), dict) and n == 0:
-            return providers.CHAT  # an OpenAI error payload as the first event
+            return dialects.CHAT  # an OpenAI error payload as the first event
     return None
 
 
@@ -331,11 +323,11 @@ def _status_line(result: dict, n_events: int, truncated: bool) -> str:
 
 def _result_lines(dialect: str, result: dict) -> list[str]:
     lines: list[str] = []
-    if dialect == providers.CHAT:
+    if dialect == dialects.CHAT:
         _chat(result, lines)
-    elif dialect == providers.COMPLETIONS:
+    elif dialect == dialects.COMPLETIONS:
         _completions(result, lines)
-    elif dialect == providers.RESPONSES:
+    elif dialect == dialects.RESPONSES:
         _responses(result, lines)
     else:
         _anthropic(result, lines)
@@ -345,7 +337,7 @@ def _result_lines(dialect: str, result: dict) -> list[str]:
     if isinstance(usage, dict) and usage:
         lines.append("usage:")
         lines.extend(f"  {k}: {v}" for k, v in _flatten(usage))
-    elif dialect != providers.MESSAGES:
+    elif dialect != dialects.MESSAGES:
         lines.append("usage: (not sent)")
     return lines
 
@@ -526,7 +518,7 @@ def _event_lines(number: int, event: Event) -> list[str]:
     if event.retry is not None:
         head.append(f"retry {event.retry}")
     data = event.data
-    ok, value = _json(data) if data[:1] in ("{", "[") else (False, None)
+    ok, value = dialects.parse_json(data) if data[:1] in ("{", "[") else (False, None)
     if ok:
         body = _pretty(value)
     else:
@@ -537,13 +529,6 @@ def _event_lines(number: int, event: Event) -> list[str]:
 
 
 # -- small helpers --------------------------------------------------------------------------------
-
-
-def _json(text: str) -> tuple[bool, Any]:
-    try:
-        return True, json.loads(text)
-    except (ValueError, RecursionError):
-        return False, None
 
 
 def _pretty(value: Any) -> str:

@@ -13,7 +13,7 @@ Why it is exact. The framing check proves that the framed part of the body (up t
 blank line) is one-line blocks, each ``data:…`` or a ``:`` comment, each ended by one blank line,
 and that there is no CR anywhere: so events are exactly the data blocks, with no ``event:`` name,
 and each is dispatched by the second LF after it. (An unterminated tail never dispatches.) The
-chunk summaries (providers.``_ChunkSummary``) change their state only through the top-level keys
+chunk summaries (``dialects.ChunkSummary``) change their state only through the top-level keys
 ``error``, ``usage`` and ``model`` and a choice's ``finish_reason``, when their value is not null
 (or empty); through ``[DONE]``; and tell output by a choice's delta ``content``, ``refusal``,
 ``tool_calls``, ``function_call``, ``audio`` (chat) or ``text`` (completions). A JSON key written
@@ -30,7 +30,7 @@ import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
-from r4u_mitm import providers
+from r4u_mitm import dialects
 from r4u_mitm.sse import Event
 
 WINDOW = 256 * 1024  # bytes framed and searched per step: well under a millisecond of GIL each
@@ -41,25 +41,25 @@ _ALWAYS = tuple(re.compile(p) for p in (
 ))
 _MODEL = re.compile(rb'model"(?!: ?null|: ?"")')
 _OUTPUT = {
-    providers.CHAT: tuple(re.compile(p) for p in (
+    dialects.CHAT: tuple(re.compile(p) for p in (
         rb'"content"(?!: ?null|: ?"")', rb'refusal"(?!: ?null|: ?"")', rb'tool_calls"(?!: ?null)',
         rb'function_call"(?!: ?null)', rb'audio"(?!: ?null)',
     )),
-    providers.COMPLETIONS: (re.compile(rb'"text"(?!: ?null|: ?"")'),),
+    dialects.COMPLETIONS: (re.compile(rb'"text"(?!: ?null|: ?"")'),),
 }
 _IDENTITY = ("", "identity", "none")
 
 
 def applies(provider: str, path: str, content_encoding: str | None) -> bool:
     """Worth trying: a chat or completions stream without a content coding."""
-    return (providers.dialect_for(provider, path) in _OUTPUT
+    return (dialects.dialect_for(provider, path) in _OUTPUT
             and (content_encoding or "").strip().lower() in _IDENTITY)
 
 
 def read_stream(
     provider: str, path: str, content_encoding: str | None, body: bytes, limit: int,
     piece_ends: Iterable[int], piece_times: Sequence[float] | None,
-) -> tuple[providers.StreamSummary, float | None] | None:
+) -> tuple[dialects.StreamSummary, float | None] | None:
     """(summary, arrival of the first output event) for the stream ``body``, as the full reading
     of its first ``limit`` bytes gives them; None when the fast reading does not apply.
 
@@ -72,7 +72,7 @@ def read_stream(
     framed = last + 2 if last >= 0 else 0
     if body.find(b"\r", framed, size) >= 0:  # a CR in the tail could still end lines there
         return None
-    summary = providers.stream_summary(provider, path)
+    summary = dialects.stream_summary(provider, path)
     plain = _plain_prefix(body, framed)
     events = 0
     first_output = None  # offset of the LF that dispatched the first output event
@@ -124,7 +124,7 @@ def _frame(body: bytes, start: int, end: int, plain: bytes) -> tuple[int, list[i
     return data + first_data, unusual
 
 
-def _feed(summary: providers.StreamSummary, body: bytes, start: int, end: int, unusual: list[int],
+def _feed(summary: dialects.StreamSummary, body: bytes, start: int, end: int, unusual: list[int],
           first_output: int | None, walk: int) -> int | None:
     """Give ``summary``, in order, each event of ``body[start:end]`` that a needle points into
     or that does not begin like JSON, after the first ``walk`` events, given one by one (the
@@ -154,7 +154,7 @@ def _feed(summary: providers.StreamSummary, body: bytes, start: int, end: int, u
             return first_output
 
 
-def _give(summary: providers.StreamSummary, body: bytes, block: int, stop: int, first_output: int | None):
+def _give(summary: dialects.StreamSummary, body: bytes, block: int, stop: int, first_output: int | None):
     """Give ``summary`` the event of the block ``body[block:stop]``, if it is not a comment."""
     if body.startswith(b"data:", block):
         value = body[block + 5:stop]

@@ -6,6 +6,7 @@ bodies are decoded, streams parsed and timings derived. Knows nothing of mitmpro
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import logging
 import re
@@ -15,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from r4u_mitm import fastpath, providers
+from r4u_mitm import dialects, fastpath, hosts, openai_url
 from r4u_mitm.encoding import BodyDecoder, decode_body
 from r4u_mitm.redact import REDACTED, body_redactor, is_secret_header, redact_url
 from r4u_mitm.sse import SSEDecoder
@@ -33,6 +34,12 @@ WIRE_FIELDS = ("provider", "ttfb_ms", "ttft_ms", "duration_ms", "events", "respo
 BINARY_TYPES = ("audio/", "image/", "video/", "multipart/", "application/octet-stream",
                 "application/zip", "application/pdf")
 TEXT_TYPES = ("text/", "json", "xml", "event-stream", "x-www-form-urlencoded", "javascript")
+# Where a provider puts its id of an exchange, best first (Azure's gateway may send only its own
+# `apim-request-id`); the others use `x-request-id`.
+REQUEST_ID_HEADERS = {
+    hosts.ANTHROPIC: ("request-id",),
+    hosts.AZURE_OPENAI: ("x-request-id", "apim-request-id"),
+}
 
 
 @dataclass(slots=True)
@@ -64,17 +71,18 @@ class Exchange:
 
 
 def build_record(ex: Exchange, *, max_body_bytes: int, redact: Iterable[str] = (),
-                 redact_body_keys: Iterable[str] = ()) -> dict:
+                 redact_body_keys: Iterable[str] = (), openai_url_alias: bool = True) -> dict:
     """The R4U record for `ex`, per the ingestion contract (see docs/record.md). `redact`: more
-    header names to redact; `redact_body_keys`: more JSON member names (see redact.py)."""
+    header names to redact; `redact_body_keys`: more JSON member names (see redact.py);
+    `openai_url_alias`: an Azure or compatible host's URL goes as OpenAI's (see openai_url.py)."""
     extra = frozenset(name.lower() for name in redact)
     redactor = body_redactor(redact_body_keys, ex.path)
     req_type = _header(ex.request_headers, "content-type")
     resp_type = _header(ex.response_headers, "content-type")
-    request_text, request_truncated, request_decode_error = _body_text(
+    request_text, request_truncated, request_decode_error, request_utf8 = _body_text(
         ex.request_body or b"", _header(ex.request_headers, "content-encoding"), req_type, max_body_bytes
     )
-    request_text = redactor.json(request_text)
+    request_text = redactor.json(request_text, request_utf8)
     meta: dict = {
         "url": redact_url(ex.url),
         "provider": ex.provider,
@@ -89,17 +97,20 @@ def build_record(ex: Exchange, *, max_body_bytes: int, redact: Iterable[str] = (
         "model": None,
         "finish_reason": None,
         "usage": None,
-        "upstream_request_id": _header(ex.response_headers, "x-request-id"),
+        "upstream_request_id": _request_id(ex),
     }
+    if openai_url_alias:
+        meta.update(openai_url.alias(ex.provider, ex.url) or {})
     encoding = _header(ex.response_headers, "content-encoding")
     parse_error = None
     summary = None
     if ex.stream:
         try:
-            response_text, summary, ttft_at, truncated, decode_error = _read_stream(ex, encoding, max_body_bytes)
+            response_text, summary, ttft_at, truncated, decode_error, utf8 = _read_stream(
+                ex, encoding, max_body_bytes)
         except Exception as exc:  # noqa: BLE001 - a parser bug must not lose the trace
             parse_error = _parse_failed(ex, exc)
-            response_text, truncated, decode_error = _body_text(
+            response_text, truncated, decode_error, utf8 = _body_text(
                 b"".join(ex.pieces), encoding, resp_type, max_body_bytes
             )
         else:
@@ -111,18 +122,18 @@ def build_record(ex: Exchange, *, max_body_bytes: int, redact: Iterable[str] = (
         truncated = truncated or ex.truncated
         provider_error = summary.error if summary is not None else None
     else:
-        response_text, truncated, decode_error = _body_text(
+        response_text, truncated, decode_error, utf8 = _body_text(
             b"".join(ex.pieces), encoding, resp_type, max_body_bytes
         )
         try:
-            found = providers.body_summary(ex.provider, ex.path, response_text)
+            found = dialects.body_summary(ex.provider, ex.path, response_text)
         except Exception as exc:  # noqa: BLE001 - a parser bug must not lose the trace
             parse_error = _parse_failed(ex, exc)
             found = {}
         meta.update(model=found.get("model"), finish_reason=found.get("finish_reason"), usage=found.get("usage"))
         provider_error = found.get("error")
         truncated = truncated or ex.truncated
-    response_text = redactor.event_stream(response_text) if ex.stream else redactor.json(response_text)
+    response_text = redactor.event_stream(response_text, utf8) if ex.stream else redactor.json(response_text, utf8)
     if parse_error:
         meta["parse_error"] = parse_error
     if truncated:
@@ -152,6 +163,12 @@ def build_record(ex: Exchange, *, max_body_bytes: int, redact: Iterable[str] = (
     }
 
 
+def _request_id(ex: Exchange) -> str | None:
+    """The provider's own id of the exchange, from the first of its headers that is there."""
+    names = REQUEST_ID_HEADERS.get(ex.provider, ("x-request-id",))
+    return next(filter(None, (_header(ex.response_headers, name) for name in names)), None)
+
+
 def _parse_failed(ex: Exchange, exc: Exception) -> str:
     """Log a failure to read a response (a bug of ours, not the server's) with the trace id, and
     say where it happened, without any body bytes (the exception's message may quote them)."""
@@ -173,7 +190,7 @@ def _read_stream(ex: Exchange, encoding: str | None, limit: int):
         return fast
     body = BodyDecoder(encoding, limit)
     decoder = SSEDecoder()
-    summary = providers.stream_summary(ex.provider, ex.path)
+    summary = dialects.stream_summary(ex.provider, ex.path)
     decoded: list[bytes] = []
     ttft_at: float | None = None
     times = ex.piece_times if len(ex.piece_times) == len(ex.pieces) else [None] * len(ex.pieces)
@@ -192,8 +209,9 @@ def _read_stream(ex: Exchange, encoding: str | None, limit: int):
     for event in [*decoder.feed(tail), *decoder.finish()]:
         if summary.add(event) and ttft_at is None and ex.piece_times:
             ttft_at = ex.ended
-    text = _text(b"".join(decoded), _header(ex.response_headers, "content-type"))
-    return text, summary, ttft_at, body.truncated, body.error
+    data = b"".join(decoded)
+    content_type = _header(ex.response_headers, "content-type")
+    return _text(data, content_type), summary, ttft_at, body.truncated, body.error, _utf8(data, content_type)
 
 
 def _read_stream_fast(ex: Exchange, encoding: str | None, limit: int):
@@ -209,23 +227,25 @@ def _read_stream_fast(ex: Exchange, encoding: str | None, limit: int):
         return None
     summary, ttft_at = found
     truncated = len(body) > limit
-    text = _text(body[:limit] if truncated else body, _header(ex.response_headers, "content-type"))
-    return text, summary, ttft_at, truncated, None
+    data = body[:limit] if truncated else body
+    content_type = _header(ex.response_headers, "content-type")
+    return _text(data, content_type), summary, ttft_at, truncated, None, _utf8(data, content_type)
 
 
 def _body_text(raw: bytes, encoding: str | None, content_type: str | None, limit: int):
-    """(text, truncated, decode_error) for a whole body: decoded from its Content-Encoding and
-    charset; binary bodies become a short placeholder (R4U would read hex-looking text as hex)."""
+    """(text, truncated, decode_error, utf8) for a whole body: decoded from its Content-Encoding
+    and charset; binary bodies become a short placeholder (R4U would read hex-looking text as
+    hex). `utf8`: see `_utf8`."""
     mime = (content_type or "").split(";", 1)[0].strip().lower()
     if mime.startswith(BINARY_TYPES):
-        return _placeholder(len(raw), mime), False, None
+        return _placeholder(len(raw), mime), False, None, None
     data, truncated, error = decode_body(encoding, raw, limit) if raw else (b"", False, None)
     if any(t in mime for t in TEXT_TYPES):
-        return _text(data, content_type), truncated, error
+        return _text(data, content_type), truncated, error, _utf8(data, content_type)
     try:
-        return _text(data, content_type, "strict"), truncated, error
+        return _text(data, content_type, "strict"), truncated, error, _utf8(data, content_type)
     except UnicodeDecodeError:
-        return _placeholder(len(raw), mime or "unknown type"), False, error
+        return _placeholder(len(raw), mime or "unknown type"), False, error, None
 
 
 def _error(ex: Exchange, summary, provider_error: str | None, truncated: bool) -> str | None:
@@ -307,6 +327,16 @@ def _text(data: bytes, content_type: str | None, errors: str = "replace") -> str
         return data.decode(found.group(1) if found else "utf-8", errors)
     except LookupError:
         return data.decode("utf-8", errors)
+
+
+def _utf8(data: bytes, content_type: str | None) -> bytes | None:
+    """`data` when `_text` reads it as UTF-8, else None: the redaction's pre-check then reads
+    these bytes rather than the text encoded again (see redact.py)."""
+    found = _CHARSET.search(content_type or "")
+    try:
+        return data if found is None or codecs.lookup(found.group(1)).name == "utf-8" else None
+    except LookupError:
+        return data  # read as UTF-8 too
 
 
 def _placeholder(size: int, mime: str) -> str:

@@ -28,7 +28,7 @@ EXAMPLES = sorted(f"{d}/{p.name}" for d in PATHS for p in (STREAMS / d).glob("*.
 SSE = "text/event-stream"
 
 
-# -- an oracle independent of providers.assemble: read the files plainly ------------------------------
+# -- an oracle independent of assembly.assemble: read the files plainly -------------------------------
 
 
 def payloads(raw: bytes) -> list[dict]:

@@ -57,7 +57,12 @@ def test_azure_openai(multi_provider_proxy, r4u, tag):
     (trace,) = traces_for(r4u, tag)
     meta = trace["metadata"]
     assert meta["provider"] == "azure_openai"
-    assert meta["url"].startswith("https://my-resource.openai.azure.com/openai/deployments/my-deployment/chat/completions?")
+    # R4U reads OpenAI's format only at OpenAI's URL: the record names the operation by it, the truth beside.
+    assert meta["url"] == "https://api.openai.com/v1/chat/completions"
+    assert meta["upstream_url"] == ("https://my-resource.openai.azure.com/openai/deployments/my-deployment/"
+                                    "chat/completions?api-version=2024-10-21")
+    assert meta["azure_deployment"] == "my-deployment" and meta["api_version"] == "2024-10-21"
+    assert meta["upstream_request_id"] == trace["response_headers"]["x-request-id"]
     assert trace["request_headers"]["api-key"] == "[REDACTED]"
     assert trace["response"] == stream_bytes("azure_chat/content_filter_results.sse").decode()
     assert meta["stream_complete"] is True and meta["model"]
@@ -78,6 +83,7 @@ def test_anthropic_messages_stream(multi_provider_proxy, r4u, tag, name):
     (trace,) = traces_for(r4u, tag)
     meta = trace["metadata"]
     assert meta["provider"] == "anthropic" and trace["request_headers"]["x-api-key"] == "[REDACTED]"
+    assert meta["upstream_request_id"] == trace["response_headers"]["request-id"]
     assert meta["stream_complete"] is True and meta["model"].startswith("claude")
     if name.endswith("error_overloaded.sse"):
         assert "overloaded" in trace["error"].lower()
@@ -91,5 +97,6 @@ def test_local_openai_compatible_server_over_plain_http(multi_provider_proxy, r4
     completion = client.chat.completions.create(model="local-model", messages=CHAT, extra_headers=headers(tag))
     (trace,) = traces_for(r4u, tag)
     assert trace["metadata"]["provider"] == "openai_compatible"
-    assert trace["metadata"]["url"] == f"http://localhost:{local_upstream.port}/v1/chat/completions"
+    assert trace["metadata"]["url"] == "https://api.openai.com/v1/chat/completions"
+    assert trace["metadata"]["upstream_url"] == f"http://localhost:{local_upstream.port}/v1/chat/completions"
     assert json.loads(trace["response"])["id"] == completion.id

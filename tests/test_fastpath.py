@@ -16,11 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from r4u_mitm import fastpath, providers, record
+from r4u_mitm import dialects, fastpath, record
 from r4u_mitm.record import Exchange, build_record
 from tests.harness import STREAMS
-from tests.test_providers import AZURE_PATH, CHAT_PATH, COMPLETIONS_PATH, WHERE
-from tests.test_providers import streams as provider_streams
+from tests.test_dialects import AZURE_PATH, CHAT_PATH, COMPLETIONS_PATH, WHERE
+from tests.test_dialects import streams as provider_streams
 
 PLACES = {**WHERE, "framing": WHERE["openai_chat"]}
 EXAMPLES = sorted(str(p.relative_to(STREAMS)) for p in STREAMS.rglob("*.sse"))
@@ -139,7 +139,7 @@ def sse_bytes(events, space: bool) -> bytes:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stream=provider_streams(), data=st.data())
 def test_provider_strategy_streams_same_record(stream, data):
-    """The events test_providers makes of every dialect (real ones mutated, and garbage)."""
+    """The events test_dialects makes of every dialect (real ones mutated, and garbage)."""
     provider, path, events = stream
     raw = sse_bytes(events, data.draw(st.booleans()))
     pieces = cut(raw, data.draw(st.lists(st.integers(0, len(raw)), max_size=20)))
@@ -253,13 +253,13 @@ def test_few_events_are_parsed(space):
     blocks = blocks_of(BASIC.replace(b"data: ", b"data:" + space))
     raw = b"".join([*blocks[:2], *blocks[2:-2] * 4000, *blocks[-2:]])
     given = []
-    add = providers.StreamSummary.add
+    add = dialects.StreamSummary.add
 
     def counted(summary, event):
         given.append(event)
         return add(summary, event)
 
-    with mock.patch.object(providers.StreamSummary, "add", counted):
+    with mock.patch.object(dialects.StreamSummary, "add", counted):
         summary, _ = fast_read(raw)
     assert summary.events > 12_000 and summary.complete and summary.finish_reason == "stop"
     assert len(given) <= 6

@@ -177,3 +177,65 @@ def test_secret_body_members_are_redacted_in_the_request_and_the_stream():
         ("content-type", "application/json")]), max_body_bytes=1 << 20)
     assert '"ticket":"%s"' % SECRET in plain["response"]  # not a default name: only as an extra one
     assert '"key":"[REDACTED]"' in plain["response"]
+
+
+def test_secret_body_members_are_redacted_whatever_the_charset():
+    """The redaction's pre-check reads a body's bytes rather than its text only when they are
+    the text's UTF-8: in UTF-16, or in Latin-1 with a name beyond ASCII, the bytes do not spell
+    the key; bytes that are not UTF-8 in a UTF-8 body become U+FFFD in the text."""
+    doc = '{"model":"gpt-4o","clé":"%s","n":1}' % SECRET
+    for charset, encode in [("utf-16", lambda s: s.encode("utf-16")), ("latin-1", lambda s: s.encode("latin-1")),
+                            ("utf-8", lambda s: s.encode().replace(b"gpt-4o", b"gpt\xff-4o"))]:
+        body, stream = encode(doc), encode(f"data: {doc}\n\ndata: [DONE]\n\n")
+        redacted = body.decode(charset, "replace").replace(SECRET, REDACTED)
+        json_type = [("content-type", f"application/json; charset={charset}")]
+        answer = exchange(request_headers=json_type, request_body=body, response_headers=json_type, pieces=[body])
+        streamed_answer = streamed(stream, request_headers=json_type, request_body=body,
+                                   response_headers=[("content-type", f"text/event-stream; charset={charset}")])
+        for ex in (answer, streamed_answer):
+            record = build_record(ex, max_body_bytes=1 << 20, redact_body_keys=["clé"])
+            assert record["request"] == redacted, charset
+            assert redacted in record["response"] and SECRET not in record["response"], charset
+
+
+def test_azure_and_compatible_hosts_go_as_openai_urls_with_the_truth_beside():
+    azure = ("https://contoso.openai.azure.com/openai/deployments/gpt-4o/chat/completions"
+             "?api-version=2024-10-21&api-key=SEKRIT")
+    ex = streamed(BASIC, provider="azure_openai", url=azure, path="/openai/deployments/gpt-4o/chat/completions")
+    meta = build_record(ex, max_body_bytes=1 << 20)["metadata"]
+    assert meta["url"] == "https://api.openai.com/v1/chat/completions"
+    assert meta["upstream_url"] == azure.replace("SEKRIT", REDACTED)
+    assert meta["azure_deployment"] == "gpt-4o" and meta["api_version"] == "2024-10-21"
+    assert meta["provider"] == "azure_openai" and meta["model"] == "gpt-4.1-nano-2025-04-14"
+    local = "http://localhost:11434/v1/embeddings"
+    meta = build_record(exchange(provider="openai_compatible", url=local, path="/v1/embeddings"),
+                        max_body_bytes=100)["metadata"]
+    assert meta["url"] == "https://api.openai.com/v1/embeddings" and meta["upstream_url"] == local
+    assert "azure_deployment" not in meta and "api_version" not in meta
+
+
+def test_openai_url_alias_off_or_no_known_operation_keeps_the_real_url_alone():
+    azure = "https://contoso.openai.azure.com/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+    off = build_record(exchange(provider="azure_openai", url=azure), max_body_bytes=100, openai_url_alias=False)
+    native = build_record(exchange(provider="openai_compatible", url="http://localhost:11434/api/chat",
+                                   path="/api/chat"), max_body_bytes=100)
+    openai = build_record(exchange(), max_body_bytes=100)
+    for record, url in ((off, azure), (native, "http://localhost:11434/api/chat"),
+                        (openai, "https://api.openai.com/v1/chat/completions")):
+        assert record["metadata"]["url"] == url
+        assert not {"upstream_url", "azure_deployment", "api_version"} & record["metadata"].keys()
+
+
+def test_upstream_request_id_is_the_providers_own_header():
+    def request_id(provider, *headers):
+        return build_record(exchange(provider=provider, response_headers=list(headers)),
+                            max_body_bytes=100)["metadata"]["upstream_request_id"]
+
+    assert request_id("openai", ("X-Request-Id", "req_o"), ("request-id", "other")) == "req_o"
+    assert request_id("openai_compatible", ("x-request-id", "req_c")) == "req_c"
+    assert request_id("anthropic", ("request-id", "req_011C"), ("x-request-id", "envoy")) == "req_011C"
+    assert request_id("anthropic", ("x-request-id", "envoy")) is None
+    assert request_id("azure_openai", ("apim-request-id", "apim-1"), ("x-request-id", "req_a")) == "req_a"
+    assert request_id("azure_openai", ("apim-request-id", "apim-1")) == "apim-1"
+    assert request_id("azure_openai", ("x-request-id", ""), ("apim-request-id", "apim-1")) == "apim-1"
+    assert request_id("openai", ("apim-request-id", "apim-1")) is None

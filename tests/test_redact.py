@@ -221,6 +221,25 @@ def test_header_rule_is_the_one_for_http_headers():
     assert is_secret_header("X-Api-Key") and not is_secret_header("x-ratelimit-remaining-tokens")
 
 
+def test_the_precheck_reads_the_bytes_a_text_was_decoded_from(monkeypatch):
+    """Given the UTF-8 bytes a text was decoded from, the pre-check reads them rather than the
+    text encoded again, window by window alike (cut in bytes, not characters, with characters of
+    two to four bytes around), and where they did not decode the text has U+FFFD."""
+    monkeypatch.setattr(redact, "WINDOW", 16)
+    keys = ['"api_key"', '"\\u0061\\u0070\\u0069\\u005f\\u006b\\u0065\\u0079"', '"secret"' + " " * 40 + "\n"]
+    for key in keys:
+        for pad in range(40):
+            body = '{"messages": "' + ("é😊北" * pad)[:pad] + '", ' + key + ': "S1"}'
+            assert DEFAULTS.json(body, body.encode()) == hidden(body, '"S1"'), (key, pad)
+            stream = event_stream(body.replace("\n", " "))
+            assert DEFAULTS.event_stream(stream, stream.encode()) == hidden(stream, '"S1"'), (key, pad)
+    raw = b'{"note": "\xff\xfe caf\xc3\xa9", "api_key": "S1", "password": "S2'
+    text = raw.decode("utf-8", "replace")
+    assert DEFAULTS.json(text, raw) == '{"note": "\ufffd\ufffd café", "api_key": "[REDACTED]", "password": "[REDACTED]"'
+    clean = event_stream('{"note": "café \\u00e9 😊"}', CHUNK, USAGE)
+    assert DEFAULTS.event_stream(clean, clean.encode()) is clean
+
+
 # -- property: arbitrary JSON documents ----------------------------------------------------------
 
 SECRET_NAMES = ["api_key", "apiKey", "API-KEY", "client_secret", "clientSecret", "password", "Password",

@@ -123,7 +123,7 @@ def test_no_secret_reaches_r4u_the_log_or_the_outbox(sproxy, r4u_s, upstream, mo
             if name in ("authorization", "api-key", "x-api-key", "cookie", "set-cookie", "openai-api-key",
                         "anthropic-api-key", "x-goog-api-key", "x-auth-token"):
                 assert value == "[REDACTED]", name
-    urls = {t["metadata"]["url"] for t in traces}
+    urls = {t["metadata"].get("upstream_url", t["metadata"]["url"]) for t in traces}
     for expected in ("https://api.openai.com/v1/models?key=[REDACTED]",
                      "https://api.openai.com/v1/models?api_key=[REDACTED]&limit=2",
                      "https://api.openai.com/v1/models?token=[REDACTED]",

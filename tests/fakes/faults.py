@@ -11,7 +11,7 @@ plain-HTTP requests to the made-up host `r4u-faults.test` (answered here, never 
     GET http://r4u-faults.test/status        the addon's `r4u.status` command output.
 
 Faults (each raises `RuntimeError("injected fault: <name>")` where it says):
-    match           providers.HostRules.match, for provider hosts   -> addon `requestheaders` hook
+    match           hosts.HostRules.match, for provider hosts       -> addon `requestheaders` hook
     tap_init        Tap(...) as the addon builds it                 -> addon `responseheaders` hook
     tap_clock       the clock of each Tap the addon builds          -> inside the stream callable
     freeze          flows.freeze as the addon calls it              -> addon `response`/`error` hooks
@@ -19,8 +19,8 @@ Faults (each raises `RuntimeError("injected fault: <name>")` where it says):
     build_record    record.build_record                             -> the deliverer, building the record
     sse_feed        sse.SSEDecoder.feed, with the fast path off     -> the deliverer, parsing
     fast_read       fastpath.read_stream (the usual chat stream)    -> the deliverer, parsing
-    stream_summary  providers.stream_summary                        -> the deliverer, parsing
-    body_summary    providers.body_summary                          -> the deliverer, parsing
+    stream_summary  dialects.stream_summary                         -> the deliverer, parsing
+    body_summary    dialects.body_summary                           -> the deliverer, parsing
 
 The last five happen in another process, later: while one of them is active, the traces of the
 flows that start get the property `fault=<name>`, which the deliverer's patches look for (and
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from mitmproxy import ctx, http
 
-from r4u_mitm import providers, supervisor
+from r4u_mitm import hosts, supervisor
 
 DELIVERER_FAULTS = frozenset({"build_record", "sse_feed", "fast_read", "stream_summary", "body_summary"})
 DELIVERER_FAULTS_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parent / "deliverer_faults"),
@@ -87,14 +87,14 @@ class Faults:
         addon_globals = type(self._tracer()).__init__.__globals__  # the addon module's namespace
         boom = _boom(fault)
         if fault == "match":
-            real_match = providers.HostRules.match
+            real_match = hosts.HostRules.match
 
             def match(rules, host, port=None):
                 if host == CONTROL_HOST:
                     return real_match(rules, host, port)
                 raise RuntimeError("injected fault: match")
 
-            self._set(providers.HostRules, "match", match)
+            self._set(hosts.HostRules, "match", match)
         elif fault == "tap_init":
             self._set(addon_globals, "Tap", boom)
         elif fault == "tap_clock":

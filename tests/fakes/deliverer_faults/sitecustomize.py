@@ -8,7 +8,7 @@ import sys
 import threading
 
 if os.environ.get("R4U_TEST_DELIVERER_FAULTS") == "1" and "r4u_mitm.deliver" in sys.orig_argv:
-    from r4u_mitm import fastpath, providers, record, sse
+    from r4u_mitm import dialects, fastpath, record, sse
 
     _current = threading.local()
 
@@ -38,5 +38,5 @@ if os.environ.get("R4U_TEST_DELIVERER_FAULTS") == "1" and "r4u_mitm.deliver" in 
     _real_applies = fastpath.applies
     fastpath.applies = lambda *args: getattr(_current, "fault", None) != "sse_feed" and _real_applies(*args)
     fastpath.read_stream = _guarded("fast_read", fastpath.read_stream)
-    providers.stream_summary = _guarded("stream_summary", providers.stream_summary)
-    providers.body_summary = _guarded("body_summary", providers.body_summary)
+    dialects.stream_summary = _guarded("stream_summary", dialects.stream_summary)
+    dialects.body_summary = _guarded("body_summary", dialects.body_summary)
