@@ -22,13 +22,13 @@ from typing import Optional
 
 from mitmproxy import command, ctx, exceptions, hooks, http
 
-from r4u_mitm import contentview, hosts, supervisor
-from r4u_mitm.deliver import ssl_context
-from r4u_mitm.flows import Trace, freeze, pop_tags, skip_requested
-from r4u_mitm.policy import SetupError, check_api_url, safe_url, traces_urls
-from r4u_mitm.record import WIRE_FIELDS
+from r4u_mitm.endpoint import SetupError, check_api_url, safe_url, ssl_context, traces_urls
+from r4u_mitm.proxy import contentview, supervisor
+from r4u_mitm.proxy.flows import Trace, freeze, pop_tags, skip_requested
+from r4u_mitm.proxy.tap import Tap
+from r4u_mitm.pure import hosts
+from r4u_mitm.pure.record import WIRE_FIELDS
 from r4u_mitm.spool import Spool, SpoolError, read_stats
-from r4u_mitm.tap import Tap
 
 log = logging.getLogger("r4u_mitm")
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from mitmproxy import http, io
 
-from r4u_mitm import hosts, supervisor
 from r4u_mitm.cli import DEFAULT_OUTBOX
-from r4u_mitm.flows import freeze, pop_tags, skip_requested
+from r4u_mitm.proxy import supervisor
+from r4u_mitm.proxy.flows import freeze, pop_tags, skip_requested
+from r4u_mitm.pure import hosts
 from r4u_mitm.spool import Spool, pack
 
 TRACE_NAMESPACE = uuid.UUID("6f1c9a52-0d7e-4d4b-9a3e-5b2f0e1c7a11")

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "status":
         return status(args[1:])
     if command == "deliver":
-        from r4u_mitm import deliver
+        from r4u_mitm.delivery import deliver
 
         return deliver.main(args[1:])
     if command == "backfill":

@@ -29,8 +29,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from r4u_mitm.record import Exchange
-from r4u_mitm.redact import body_redactor, redact_pairs, redact_raw, redact_url
+from r4u_mitm.pure.record import Exchange
+from r4u_mitm.pure.redact import body_redactor, redact_pairs, redact_raw, redact_url
 
 __all__ = ["Spool", "SpoolClosed", "SpoolError", "Packed", "pack", "unpack", "read_stats",
            "DEFAULT_MAX_RECORDS", "DEFAULT_MAX_BYTES"]

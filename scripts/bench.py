@@ -16,7 +16,7 @@ A) Four setups against a local fake OpenAI (FakeUpstream, TLS) streaming as fast
 B) Delivery through the proxy: end of stream (record's completed_at) -> R4U got it (p50, p99);
    the backlog left by the R4U-down proxy, and how fast a restarted proxy drains it.
 C) Delivery alone: a spool pre-filled with exchanges of ~3 KB records, drained by the delivery process
-   (`python -m r4u_mitm.deliver`) into `python -m tests.fakes.r4u`; then paced appends for end -> 201 latency.
+   (`python -m r4u_mitm.delivery.deliver`) into `python -m tests.fakes.r4u`; then paced appends for end -> 201 latency.
 D) The pure parts: SSEDecoder, build_record, Tap.__call__, the response hook's join.
 
 Host: through the proxies the client asks for the fake's own address, https://127.0.0.1:PORT, and
@@ -890,7 +890,7 @@ def _sample_parts(events: int) -> tuple[tuple[bytes, ...], tuple, tuple]:
 def sample_exchange(events: int, *, ended_wall: float | None = None, duration: float = 1.5,
                     properties: dict | None = None):
     """A realistic streamed chat exchange: the fake upstream's synthetic stream and headers."""
-    from r4u_mitm.record import Exchange
+    from r4u_mitm.pure.record import Exchange
 
     pieces, resp_headers, req_headers = _sample_parts(events)
     now_m = time.monotonic()
@@ -909,8 +909,8 @@ def sample_exchange(events: int, *, ended_wall: float | None = None, duration: f
 
 def run_c(prof: Profile, children: Children, tmp: Path, pin_sender: set[int] | None,
           pin_rest: set[int] | None, r4u_timed: tuple[int, R4ULog] | None, log) -> dict:
-    from r4u_mitm.deliver import build, encode
-    from r4u_mitm.record import build_record
+    from r4u_mitm.delivery.deliver import build, encode
+    from r4u_mitm.pure.record import build_record
     from r4u_mitm.spool import Spool, pack
     from tests.harness import free_port
 
@@ -952,7 +952,7 @@ def run_c(prof: Profile, children: Children, tmp: Path, pin_sender: set[int] | N
 
 
 def _deliverer(path: Path, url: str, pin_to: set[int] | None) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "r4u_mitm.deliver", "--outbox", str(path), "--r4u-url", url,
+    proc = subprocess.Popen([sys.executable, "-m", "r4u_mitm.delivery.deliver", "--outbox", str(path), "--r4u-url", url,
                              "--drain-seconds", "0", "--parent"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, cwd=ROOT)
     if pin_to:
@@ -1064,11 +1064,11 @@ def best_of(fn, runs: int = 3) -> float:
 def run_d(prof: Profile, tmp: Path, log) -> dict:
     import tracemalloc
 
-    from r4u_mitm.deliver import encode
-    from r4u_mitm.record import build_record
+    from r4u_mitm.delivery.deliver import encode
+    from r4u_mitm.proxy.tap import Tap
+    from r4u_mitm.pure.record import build_record
+    from r4u_mitm.pure.sse import SSEDecoder
     from r4u_mitm.spool import Spool, pack
-    from r4u_mitm.sse import SSEDecoder
-    from r4u_mitm.tap import Tap
     from tests.fakes.upstream import default_streams_dir, split_events
 
     out: dict = {}

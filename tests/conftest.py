@@ -26,7 +26,7 @@ class Spooled:
         self.lost = 0
 
     def append(self, exchange, options, kept=0):
-        from r4u_mitm.deliver import build
+        from r4u_mitm.delivery.deliver import build
         from r4u_mitm.spool import pack
 
         body, wire = build(pack(exchange, options))

@@ -7,7 +7,7 @@ from mitmproxy import exceptions
 from mitmproxy.test import tflow, tutils
 
 from r4u_mitm import addon as addon_module
-from r4u_mitm.tap import Tap
+from r4u_mitm.proxy.tap import Tap
 
 
 def openai_flow(path="/v1/chat/completions", host="api.openai.com", **headers):

@@ -11,10 +11,10 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from r4u_mitm import assembly, dialects
-from r4u_mitm.assembly import assemble
-from r4u_mitm.dialects import dialect_for
-from r4u_mitm.sse import Event
+from r4u_mitm.pure import assembly, dialects
+from r4u_mitm.pure.assembly import assemble
+from r4u_mitm.pure.dialects import dialect_for
+from r4u_mitm.pure.sse import Event
 from tests.test_dialects import (
     ALL_STREAMS,
     AZURE_PATH,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import openai
 
-from r4u_mitm.flows import NOT_STORED
+from r4u_mitm.proxy.flows import NOT_STORED
 from tests.conftest import SECRET, assert_no_secret, headers, stream_bytes, traces_for
 from tests.harness import Mitmdump
 

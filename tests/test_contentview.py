@@ -1,4 +1,4 @@
-"""The mitmweb view for event streams (`r4u_mitm.contentview`) and what the addon leaves on flows
+"""The mitmweb view for event streams (`r4u_mitm.proxy.contentview`) and what the addon leaves on flows
 for it (trace id comment, truncation mark, wire timing). The real browser path is in
 test_mitmweb_e2e."""
 
@@ -13,8 +13,8 @@ from mitmproxy.contentviews import Metadata
 from mitmproxy.flow import Error
 from mitmproxy.test import taddons, tflow, tutils
 
-from r4u_mitm import contentview
-from r4u_mitm.contentview import NAME, VIEW, render
+from r4u_mitm.proxy import contentview
+from r4u_mitm.proxy.contentview import NAME, VIEW, render
 from tests.harness import STREAMS
 
 PATHS = {  # example streams directory -> (provider, host, request path)

@@ -13,11 +13,10 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
 from r4u_mitm import wake
-from r4u_mitm.record import Exchange
+from r4u_mitm.pure.record import Exchange
 from r4u_mitm.spool import Spool, pack, read_stats
 from tests.fakes.r4u import FakeR4U
 from tests.harness import free_port
@@ -52,11 +51,11 @@ def spool_in(path: Path, exchanges: list[Exchange], options: dict = OPTIONS) -> 
 
 
 class Deliverer:
-    """A real `python -m r4u_mitm.deliver --parent` process, as the addon starts it: its stdin
+    """A real `python -m r4u_mitm.delivery.deliver --parent` process, as the addon starts it: its stdin
     is the lifeline, its stdout the messages (kept in `messages`)."""
 
     def __init__(self, box: Path, url: str, *args: str, env: dict | None = None) -> None:
-        cmd = [sys.executable, "-m", "r4u_mitm.deliver", "--outbox", str(box), "--r4u-url", url, "--timeout", "2",
+        cmd = [sys.executable, "-m", "r4u_mitm.delivery.deliver", "--outbox", str(box), "--r4u-url", url, "--timeout", "2",
                "--retry-base", "0.05", "--retry-cap", "0.4", "--drain-seconds", "5", *args, "--parent", "--outcomes"]
         environ = {k: v for k, v in os.environ.items() if k != "R4U_API_KEY"}
         environ.update(env or {})
@@ -297,7 +296,7 @@ def test_stdin_eof_drains_what_is_pending_then_exits(fake, box):
 
 def test_sigterm_drains_a_standalone_deliverer(fake, box):
     ids = spool_in(box, [exchange() for _ in range(5)])
-    proc = subprocess.Popen([sys.executable, "-m", "r4u_mitm.deliver", "--outbox", str(box), "--r4u-url", fake.url],
+    proc = subprocess.Popen([sys.executable, "-m", "r4u_mitm.delivery.deliver", "--outbox", str(box), "--r4u-url", fake.url],
                             cwd=ROOT, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         until(lambda: len(fake.received) >= 5)

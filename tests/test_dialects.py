@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from r4u_mitm import dialects
-from r4u_mitm.dialects import StreamSummary, body_summary, dialect_for, stream_summary
-from r4u_mitm.sse import Event, SSEDecoder
+from r4u_mitm.pure import dialects
+from r4u_mitm.pure.dialects import StreamSummary, body_summary, dialect_for, stream_summary
+from r4u_mitm.pure.sse import Event, SSEDecoder
 from tests.harness import STREAMS
 
 CHAT_PATH = "/v1/chat/completions"

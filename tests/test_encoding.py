@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from r4u_mitm.encoding import BodyDecoder, decode_body
-from r4u_mitm.sse import SSEDecoder
+from r4u_mitm.pure.encoding import BodyDecoder, decode_body
+from r4u_mitm.pure.sse import SSEDecoder
 from tests.harness import STREAMS
 
 if sys.version_info >= (3, 14):

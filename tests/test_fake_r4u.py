@@ -1,6 +1,5 @@
 """The fake R4U's own strictness and faults: the delivery tests rely on them."""
 
-import json
 import subprocess
 import sys
 import time

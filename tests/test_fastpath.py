@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from r4u_mitm import dialects, fastpath, record
-from r4u_mitm.record import Exchange, build_record
+from r4u_mitm.pure import dialects, fastpath, record
+from r4u_mitm.pure.record import Exchange, build_record
 from tests.harness import STREAMS
 from tests.test_dialects import AZURE_PATH, CHAT_PATH, COMPLETIONS_PATH, WHERE
 from tests.test_dialects import streams as provider_streams

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from r4u_mitm.hosts import DEFAULT_HOSTS, infer_provider, parse_host_rules
+from r4u_mitm.pure.hosts import DEFAULT_HOSTS, infer_provider, parse_host_rules
 
 
 def test_default_hosts():

@@ -20,7 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from r4u_mitm.contentview import NAME
+from r4u_mitm.proxy.contentview import NAME
 from tests.conftest import SECRET, headers, stream_bytes, traces_for
 from tests.harness import ROOT, Mitmdump, free_port
 from tests.test_tracer_e2e import CHAT, chat_text

@@ -1,7 +1,7 @@
 import pytest
 
-from r4u_mitm.openai_url import alias
-from r4u_mitm.redact import REDACTED
+from r4u_mitm.pure.openai_url import alias
+from r4u_mitm.pure.redact import REDACTED
 
 AZURE = "https://contoso.openai.azure.com"
 

@@ -5,7 +5,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from r4u_mitm.policy import Decision, backoff, decide, parse_retry_after, rejection_reason, traces_urls
+from r4u_mitm.delivery.policy import Decision, backoff, decide, parse_retry_after, rejection_reason
+from r4u_mitm.endpoint import traces_urls
 
 NOW = 1_700_000_000.0
 HTTP_DATE_IN_30S = "Tue, 14 Nov 2023 22:13:50 GMT"  # NOW + 30 s

@@ -2,7 +2,7 @@ import gzip
 import json
 from datetime import datetime
 
-from r4u_mitm.record import REDACTED, Exchange, build_record, redact_headers, redact_url, who_ended
+from r4u_mitm.pure.record import REDACTED, Exchange, build_record, redact_headers, redact_url, who_ended
 from tests.harness import STREAMS
 
 SECRET = "sk-record-SECRET-123456"

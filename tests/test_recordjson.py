@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from r4u_mitm import recordjson
-from r4u_mitm.deliver import encode
-from r4u_mitm.record import Exchange, build_record
-from r4u_mitm.recordjson import encode_record
+from r4u_mitm.delivery.deliver import encode
+from r4u_mitm.pure import recordjson
+from r4u_mitm.pure.record import Exchange, build_record
+from r4u_mitm.pure.recordjson import encode_record
 from tests.harness import STREAMS
 
 

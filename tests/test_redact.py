@@ -1,4 +1,4 @@
-"""Body redaction (r4u_mitm/redact.py): the values of credential-carrying JSON members become
+"""Body redaction (r4u_mitm/pure/redact.py): the values of credential-carrying JSON members become
 "[REDACTED]", every other byte stays; token counts, limits and non-JSON bodies are left alone."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from r4u_mitm import redact
-from r4u_mitm.redact import REDACTED, SECRET_BODY_KEYS, body_redactor, is_secret_header
+from r4u_mitm.pure import redact
+from r4u_mitm.pure.redact import REDACTED, SECRET_BODY_KEYS, body_redactor, is_secret_header
 
 SECRET = "sk-body-SECRET-5e1d9c3b7a"
 R = f'"{REDACTED}"'

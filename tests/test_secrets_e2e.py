@@ -214,7 +214,7 @@ def test_r4u_over_https_with_its_certificate_in_r4u_ca_file_is_reached(tmp_path,
     assert "certificate verify failed" not in proxy.log().lower()
 
 
-# -- secrets inside bodies (r4u_mitm/redact.py) ------------------------------------------------------
+# -- secrets inside bodies (r4u_mitm/pure/redact.py) ------------------------------------------------------
 
 BODY_KEY = "session_ticket"  # the app's own secret field: named with r4u_redact_body_keys
 

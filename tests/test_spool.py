@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from r4u_mitm import spool as spool_module
-from r4u_mitm.deliver import build
-from r4u_mitm.record import Exchange, build_record
+from r4u_mitm.delivery.deliver import build
+from r4u_mitm.pure.record import Exchange, build_record
 from r4u_mitm.spool import Spool, SpoolClosed, SpoolError, pack, read_stats, unpack
 
 OPTIONS = {"max_body_bytes": 1 << 20, "redact": []}

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from r4u_mitm.sse import Event, SSEDecoder
+from r4u_mitm.pure.sse import Event, SSEDecoder
 from tests.harness import STREAMS
 
 FRAMING = STREAMS / "framing"

@@ -18,8 +18,8 @@ import pytest
 from r4u_mitm.spool import read_stats
 from tests.conftest import headers
 from tests.harness import ADDON, Mitmdump, wait_for
-from tests.test_transparency_e2e import FAULTS, control
 from tests.test_delivery_e2e import delivered_once, make_exchanges, r4u_later, use_proxy  # noqa: F401 - a fixture
+from tests.test_transparency_e2e import FAULTS, control
 
 CHAT_URL = "https://api.openai.com/v1/chat/completions"
 

@@ -5,9 +5,9 @@ import logging
 import re
 import threading
 
-from r4u_mitm import supervisor
+from r4u_mitm.proxy import supervisor
+from r4u_mitm.proxy.tap import Budget
 from r4u_mitm.spool import read_stats
-from r4u_mitm.tap import Budget
 from tests.test_spool import OPTIONS, exchange
 
 

@@ -1,4 +1,4 @@
-from r4u_mitm.tap import Budget, Tap
+from r4u_mitm.proxy.tap import Budget, Tap
 
 
 def test_passes_every_piece_unchanged_and_keeps_it_with_its_time():

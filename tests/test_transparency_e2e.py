@@ -31,7 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from r4u_mitm.flows import NOT_STORED
+from r4u_mitm.proxy.flows import NOT_STORED
 from r4u_mitm.spool import read_stats
 from tests.conftest import SECRET, traces_for
 from tests.harness import ROOT, Mitmdump, wait_for
@@ -92,7 +92,7 @@ def stable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def decompress(encoding: str | None, data: bytes) -> bytes:
-    """An oracle independent of r4u_mitm.encoding."""
+    """An oracle independent of r4u_mitm.pure.encoding."""
     if not encoding:
         return data
     if encoding == "gzip":

@@ -35,7 +35,8 @@ from pathlib import Path
 
 from mitmproxy import ctx, http
 
-from r4u_mitm import hosts, supervisor
+from r4u_mitm.proxy import supervisor
+from r4u_mitm.pure import hosts
 
 DELIVERER_FAULTS = frozenset({"build_record", "sse_feed", "fast_read", "stream_summary", "body_summary"})
 DELIVERER_FAULTS_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parent / "deliverer_faults"),

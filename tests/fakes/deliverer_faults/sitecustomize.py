@@ -1,5 +1,5 @@
 """Test-only: loaded by every Python process started with this folder on PYTHONPATH. In the
-delivery process (`r4u_mitm.deliver`) with R4U_TEST_DELIVERER_FAULTS=1, it patches record
+delivery process (`r4u_mitm.delivery.deliver`) with R4U_TEST_DELIVERER_FAULTS=1, it patches record
 building so that an exchange whose properties say `fault=<name>` fails there (see
 tests/fakes/faults.py). Elsewhere it does nothing."""
 
@@ -7,8 +7,8 @@ import os
 import sys
 import threading
 
-if os.environ.get("R4U_TEST_DELIVERER_FAULTS") == "1" and "r4u_mitm.deliver" in sys.orig_argv:
-    from r4u_mitm import dialects, fastpath, record, sse
+if os.environ.get("R4U_TEST_DELIVERER_FAULTS") == "1" and "r4u_mitm.delivery.deliver" in sys.orig_argv:
+    from r4u_mitm.pure import dialects, fastpath, record, sse
 
     _current = threading.local()
 

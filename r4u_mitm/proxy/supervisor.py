@@ -14,7 +14,6 @@ import asyncio
 import errno
 import json
 import logging
-import os
 import queue
 import sqlite3
 import subprocess
@@ -26,9 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from r4u_mitm import wake
-from r4u_mitm.record import Exchange
+from r4u_mitm.proxy.tap import Budget
+from r4u_mitm.pure.record import Exchange
 from r4u_mitm.spool import Spool, pack
-from r4u_mitm.tap import Budget
 
 log = logging.getLogger("r4u_mitm")
 
@@ -135,7 +134,7 @@ def _failure(exc: BaseException) -> tuple[str, str]:
 
 
 class Deliverer:
-    """The delivery process of one spool (`python -m r4u_mitm.deliver --parent`), started in a
+    """The delivery process of one spool (`python -m r4u_mitm.delivery.deliver --parent`), started in a
     session of its own (a terminal's Ctrl-C is for mitmproxy), restarted with backoff if it dies
     while the proxy runs (logged once per distinct failure). Its stdin is the proxy's lifeline:
     closing it (or the proxy dying) lets it drain and exit. Its stdout lines are JSON messages
@@ -152,7 +151,7 @@ class Deliverer:
         self._thread.start()
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "r4u_mitm.deliver", "--outbox", str(self.spool), *self.args, "--parent"]
+        return [sys.executable, "-m", "r4u_mitm.delivery.deliver", "--outbox", str(self.spool), *self.args, "--parent"]
 
     def stop(self) -> None:
         """Let it drain and exit on its own (stdin EOF); do not wait for it."""

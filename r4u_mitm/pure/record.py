@@ -16,10 +16,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from r4u_mitm import dialects, fastpath, hosts, openai_url
-from r4u_mitm.encoding import BodyDecoder, decode_body
-from r4u_mitm.redact import REDACTED, body_redactor, is_secret_header, redact_url
-from r4u_mitm.sse import SSEDecoder
+from r4u_mitm.pure import dialects, fastpath, hosts, openai_url
+from r4u_mitm.pure.encoding import BodyDecoder, decode_body
+from r4u_mitm.pure.redact import REDACTED, body_redactor, is_secret_header, redact_url
+from r4u_mitm.pure.sse import SSEDecoder
 
 GIL_YIELD_EVERY = 64  # pieces parsed between two voluntary releases of the GIL
 

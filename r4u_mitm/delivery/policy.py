@@ -14,17 +14,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from urllib.parse import urlsplit
 
 RETRY_AFTER_MAX = 600.0  # a Retry-After beyond 10 minutes is taken as 10 minutes
 REASON_MAX = 200
 RETRYABLE = frozenset({408, 429})
 # Answers about R4U's setup (wrong URL, auth, a redirect), not about the record: keep the record.
 NOT_THE_RECORD = frozenset({401, 403, 404, 405, 407})
-_USERINFO = re.compile(r"^([^:/?#]*:)?//[^/?#]*@")  # user:password@ in a URL
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,42 +101,3 @@ def describe(exc: BaseException) -> str:
             break
         cause, seen = cause.__cause__ or cause.__context__, seen + 1
     return f"{type(exc).__name__}: {text}"[:REASON_MAX] if text else type(exc).__name__
-
-
-def traces_urls(api_url: str) -> tuple[str, str, str]:
-    """`(base, post_url, probe_url)` for a base URL given with or without a trailing `/v1`."""
-    base = api_url.strip().rstrip("/")
-    if base.endswith("/v1"):
-        base = base[:-3].rstrip("/")
-    return base, f"{base}/v1/http-traces", f"{base}/v1/traces?limit=1"
-
-
-class SetupError(ValueError):
-    """Delivery cannot work with these settings: `setting` ("api_url" or "ca_file") names the
-    one at fault, the message says why."""
-
-    def __init__(self, setting: str, message: str) -> None:
-        super().__init__(message)
-        self.setting = setting
-
-
-def safe_url(url: str) -> str:
-    """The URL without any user:password in it (for logs and errors; a malformed URL too)."""
-    return _USERINFO.sub(r"\1//", url, count=1)
-
-
-def check_api_url(api_url: str) -> None:
-    """R4U's base URL must be absolute http(s), with a host and a valid port (else SetupError)."""
-    shown = repr(safe_url(api_url))
-    try:
-        parts = urlsplit(api_url)
-    except ValueError as exc:  # e.g. an unbalanced [ in the host
-        raise SetupError("api_url", f"invalid URL {shown}: {exc}") from None
-    if parts.scheme.lower() not in ("http", "https"):
-        raise SetupError("api_url", f"must be an http:// or https:// URL, not {shown}")
-    if not parts.hostname:
-        raise SetupError("api_url", f"no host in {shown}")
-    try:
-        parts.port
-    except ValueError:
-        raise SetupError("api_url", f"invalid port in {shown}") from None

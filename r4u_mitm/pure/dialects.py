@@ -27,8 +27,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from r4u_mitm.hosts import ANTHROPIC
-from r4u_mitm.sse import Event
+from r4u_mitm.pure.hosts import ANTHROPIC
+from r4u_mitm.pure.sse import Event
 
 __all__ = [
     "CHAT",

@@ -8,8 +8,8 @@ import uuid
 
 from mitmproxy import http
 
-from r4u_mitm.record import Exchange
-from r4u_mitm.tap import Tap
+from r4u_mitm.proxy.tap import Tap
+from r4u_mitm.pure.record import Exchange
 
 TAG_PREFIX = "x-r4u-"
 NOT_STORED = "response body not kept: streamed without the tracer's tap (stream_large_bodies without store_streamed_bodies, or a tracer fault)"

@@ -22,9 +22,9 @@ from typing import Any
 
 from mitmproxy import contentviews
 
-from r4u_mitm import assembly, dialects, hosts
-from r4u_mitm.encoding import decode_body
-from r4u_mitm.sse import Event, SSEDecoder
+from r4u_mitm.pure import assembly, dialects, hosts
+from r4u_mitm.pure.encoding import decode_body
+from r4u_mitm.pure.sse import Event, SSEDecoder
 
 __all__ = ["EventStreamView", "VIEW", "register", "render", "sniff_dialect"]
 

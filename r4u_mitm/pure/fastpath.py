@@ -30,8 +30,8 @@ import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
-from r4u_mitm import dialects
-from r4u_mitm.sse import Event
+from r4u_mitm.pure import dialects
+from r4u_mitm.pure.sse import Event
 
 WINDOW = 256 * 1024  # bytes framed and searched per step: well under a millisecond of GIL each
 _WALK = 16  # events given one by one before searching for the first output and the model

@@ -35,8 +35,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from r4u_mitm import policy, record, wake
-from r4u_mitm.recordjson import encode_record
+from r4u_mitm import endpoint, wake
+from r4u_mitm.delivery import policy
+from r4u_mitm.pure import record
+from r4u_mitm.pure.recordjson import encode_record
 from r4u_mitm.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_RECORDS, Row, Spool, SpoolClosed, unpack
 
 log = logging.getLogger("r4u_mitm")
@@ -62,29 +64,6 @@ def build(row: Row) -> tuple[bytes, dict | None]:
         return row.response_body, None
     rec = record.build_record(exchange, **options)
     return encode(rec), {key: rec["metadata"].get(key) for key in record.WIRE_FIELDS}
-
-
-def ssl_context(ca_file: str | None) -> ssl.SSLContext:
-    """Verify R4U's certificate with `ca_file`, else the system's store (certifi's when the
-    system has none). Never unverified. A `ca_file` that cannot be read or holds no PEM
-    certificate is a SetupError."""
-    if ca_file:
-        try:
-            return ssl.create_default_context(cafile=ca_file)
-        except ssl.SSLError as exc:  # before OSError: it is one
-            reason = str(exc.strerror or exc).split(" (_ssl.c:")[0]
-            raise policy.SetupError("ca_file", f"{ca_file} is not a PEM CA bundle: {reason}") from None
-        except OSError as exc:
-            raise policy.SetupError("ca_file", f"cannot read {ca_file}: {exc.strerror or exc}") from None
-    context = ssl.create_default_context()
-    if not context.cert_store_stats().get("x509_ca"):
-        try:
-            import certifi
-
-            context.load_verify_locations(certifi.where())
-        except (ImportError, OSError):
-            pass
-    return context
 
 
 class _Signal:
@@ -150,8 +129,8 @@ class Worker:
         self.opts = opts
         self.channel = channel
         self.stopping = stopping
-        self.base_url, self.post_url, self.probe_url = policy.traces_urls(opts.r4u_url)
-        self.shown_url = policy.safe_url(self.base_url)
+        self.base_url, self.post_url, self.probe_url = endpoint.traces_urls(opts.r4u_url)
+        self.shown_url = endpoint.safe_url(self.base_url)
         self.db = ThreadPoolExecutor(1, thread_name_prefix="r4u-spool")
         self.builder = ThreadPoolExecutor(1, thread_name_prefix="r4u-build")
         self.loop = asyncio.get_running_loop()
@@ -183,7 +162,7 @@ class Worker:
         self.httpx = httpx
         # Direct connections only (never through the proxy, or any proxy, by env); no redirects.
         self.client = httpx.AsyncClient(
-            headers=headers, timeout=opts.timeout, verify=ssl_context(opts.ca_file), trust_env=False,
+            headers=headers, timeout=opts.timeout, verify=endpoint.ssl_context(opts.ca_file), trust_env=False,
             follow_redirects=False,
             limits=httpx.Limits(max_connections=opts.in_flight, max_keepalive_connections=opts.in_flight))
 
@@ -586,9 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser().parse_args(argv)
     opts.outbox = opts.outbox or [os.environ.get("R4U_OUTBOX") or str(DEFAULT_OUTBOX)]
     try:
-        policy.check_api_url(opts.r4u_url.strip())
-        ssl_context(opts.ca_file)
-    except policy.SetupError as exc:
+        endpoint.check_api_url(opts.r4u_url.strip())
+        endpoint.ssl_context(opts.ca_file)
+    except endpoint.SetupError as exc:
         print(f"r4u-mitm deliver: --{exc.setting.replace('_', '-').replace('api-url', 'r4u-url')}: {exc}", file=sys.stderr)
         return 2
     channel = Channel(opts.parent)

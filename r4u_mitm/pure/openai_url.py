@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from r4u_mitm.hosts import AZURE_OPENAI, OPENAI_COMPATIBLE
-from r4u_mitm.redact import redact_url
+from r4u_mitm.pure.hosts import AZURE_OPENAI, OPENAI_COMPATIBLE
+from r4u_mitm.pure.redact import redact_url
 
 OPENAI_API = "https://api.openai.com/v1/"
 

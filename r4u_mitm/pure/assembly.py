@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from r4u_mitm.dialects import (
+from r4u_mitm.pure.dialects import (
     CHAT,
     COMPLETIONS,
     MESSAGES,
@@ -23,7 +23,7 @@ from r4u_mitm.dialects import (
     nonempty_str,
     parse_json,
 )
-from r4u_mitm.sse import Event
+from r4u_mitm.pure.sse import Event
 
 __all__ = ["assemble"]
 
