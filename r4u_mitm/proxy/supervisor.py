@@ -167,7 +167,8 @@ class Deliverer:
         delay = RESTART_FIRST
         while not self._stopping.is_set():
             started = time.monotonic()
-            last: list[str] = []
+            said: list[str] = []  # its last error message on stdout
+            last: list[str] = []  # the last line it wrote to stderr (a traceback's, when it crashed)
             try:
                 proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, start_new_session=True)
@@ -185,13 +186,14 @@ class Deliverer:
                     except ValueError:
                         continue
                     if message.get("log") == "error":
-                        last[:] = [message.get("msg", "")]
+                        said[:] = [message.get("msg", "")]
                     self.on_message(message)
                 code = proc.wait()
-                errors.join(1.0)
+                errors.join(5.0)  # stderr is read to its end: the same failure says the same thing
                 proc.stdout.close()
                 if self._stopping.is_set():
                     return
+                last = last or said
                 failure = f"exited (code {code}: {last[-1] if last else 'no message'})"
             if time.monotonic() - started > 2 * RESTART_MAX:
                 delay = RESTART_FIRST
