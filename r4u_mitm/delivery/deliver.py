@@ -165,6 +165,11 @@ class Worker:
             headers=headers, timeout=opts.timeout, verify=endpoint.ssl_context(opts.ca_file), trust_env=False,
             follow_redirects=False,
             limits=httpx.Limits(max_connections=opts.in_flight, max_keepalive_connections=opts.in_flight))
+        # A post's URL, headers and timeouts, merged once: `client.post` merges them again for
+        # every record (a tenth of the deliverer's CPU). R4U sets no cookies to send back.
+        template = self.client.build_request("POST", self.post_url, headers=JSON_BODY)
+        del template.headers["Content-Length"]  # each record's own, from its body
+        self.post_template = template
 
     async def _db(self, fn, *args):
         return await self.loop.run_in_executor(self.db, fn, *args)
@@ -352,7 +357,9 @@ class Worker:
             return
         self.in_flight += 1
         try:
-            response = await self.client.post(self.post_url, content=body, headers=JSON_BODY)
+            post = self.post_template
+            response = await self.client.send(self.httpx.Request(
+                "POST", post.url, headers=post.headers, content=body, extensions=post.extensions))
         except (self.httpx.TransportError, OSError, ssl.SSLError) as exc:
             error = self._describe(exc)
             self._add(1, (row.id, time.time(), error))  # due again as soon as R4U answers
