@@ -15,6 +15,7 @@ import copy
 import functools
 import logging
 import os
+import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,13 +28,13 @@ from r4u_mitm.proxy import contentview, supervisor
 from r4u_mitm.proxy.flows import Trace, freeze, pop_tags, skip_requested
 from r4u_mitm.proxy.tap import Tap
 from r4u_mitm.pure import hosts
-from r4u_mitm.pure.record import WIRE_FIELDS
 from r4u_mitm.spool import Spool, SpoolError, read_stats
 
 log = logging.getLogger("r4u_mitm")
 
 OUTBOX_NAME = "r4u-outbox.sqlite"
 FLOWS_FOLLOWED = 10_000  # traced flows whose comment follows their delivery (most recent)
+REASON_SHOWN = 120  # characters of a dead letter's reason in its flow's comment
 STORE_DEADLINE = 10.0  # seconds at shutdown to store what is queued
 MB = 1024 * 1024
 
@@ -103,6 +104,18 @@ class R4UTracer:
             "takes myToken and MY-TOKEN.",
         )
         loader.add_option(
+            "r4u_openai_url_alias", bool, True,
+            "Send Azure OpenAI and OpenAI-compatible traces with OpenAI's URL of the same operation in "
+            "metadata.url (the real one in metadata.upstream_url): R4U reads OpenAI's format only at "
+            "OpenAI's URL. Off: metadata.url is the real URL, and R4U answers 400 No parser found.",
+        )
+        loader.add_option(
+            "r4u_max_attempts", int, 5,
+            "Posts of a trace R4U answers with a failure of its own (a 500: its parser crashed on it; "
+            "each post adds a raw row in R4U) before the trace is dead-lettered; spread over minutes. "
+            "R4U down, overloaded (502/503/504, 429, 408) or slow is waited out without a cap.",
+        )
+        loader.add_option(
             "r4u_drain_seconds", int, 5,
             "When the proxy stops, how long its delivery process goes on delivering pending traces; "
             "what is left stays in the outbox for the next start.",
@@ -130,6 +143,8 @@ class R4UTracer:
                 raise exceptions.OptionsError(f"{name} must be a positive number, not {getattr(opts, name)}")
         if "r4u_drain_seconds" in updated and opts.r4u_drain_seconds < 0:
             raise exceptions.OptionsError("r4u_drain_seconds must be 0 or more")
+        if "r4u_max_attempts" in updated and opts.r4u_max_attempts < 1:
+            raise exceptions.OptionsError(f"r4u_max_attempts must be 1 or more, not {opts.r4u_max_attempts}")
         try:
             if "r4u_api_url" in updated:
                 check_api_url(opts.r4u_api_url.strip())
@@ -160,6 +175,7 @@ class R4UTracer:
     def _start(self) -> None:
         opts = ctx.options
         args = ["--r4u-url", opts.r4u_api_url, "--drain-seconds", str(opts.r4u_drain_seconds),
+                "--max-attempts", str(opts.r4u_max_attempts),
                 "--max-records", str(opts.r4u_outbox_max_records), "--max-mb", str(opts.r4u_outbox_max_mb)]
         if opts.r4u_ca_file:
             args += ["--ca-file", opts.r4u_ca_file]
@@ -240,7 +256,8 @@ class R4UTracer:
             return
         trace = Trace(flow, provider, properties)
         self.link.open[flow.id] = trace
-        flow.metadata["r4u.trace_id"] = trace.trace_id  # saved with the flow: backfill reuses both
+        flow.metadata[contentview.TRACE_KEY] = trace.trace_id  # saved with the flow: backfill reuses both
+        flow.metadata[contentview.PROVIDER_KEY] = provider
         if properties:
             flow.metadata["r4u.properties"] = properties
         _set_comment(flow, trace.trace_id, "open", False)  # mitmweb: ~comment <trace id prefix>
@@ -274,19 +291,27 @@ class R4UTracer:
         self._restore_body(flow, trace)
         self._submit(flow, trace)
 
-    @staticmethod
-    def _restore_body(flow: http.HTTPFlow, trace: Trace) -> None:
+    @guarded
+    def _restore_body(self, flow: http.HTTPFlow, trace: Trace) -> None:
         """Put a teed stream back into the flow when someone will look at it: mitmweb or the
         console (their `view` addon), a `save_stream_file`, or anyone once `store_streamed_bodies`
-        is set. mitmdump alone drops flows, so there it would only cost a copy of the body on the
-        event loop. With `store_streamed_bodies` mitmproxy keeps the body itself, but only of a
-        response that ended well (not when the client hung up): then it is there already."""
-        if trace.tap is None or trace.tap.truncated or flow.response is None or flow.response.raw_content is not None:
+        is set; with its pieces' sizes and arrival times, from which the SSE view computes the
+        time to first token (the tap's list of times itself, not a copy). mitmdump alone drops
+        flows, so there it would only cost a copy of the body on the event loop. With
+        `store_streamed_bodies` mitmproxy keeps the body itself, but only of a response that
+        ended well (not when the client hung up): then it is there already."""
+        tap = trace.tap
+        if tap is None or tap.truncated or flow.response is None:
             return
         opts = ctx.options  # (mitmproxy's test helpers have neither option)
-        if (getattr(opts, "store_streamed_bodies", False) or getattr(opts, "save_stream_file", None)
+        if not (getattr(opts, "store_streamed_bodies", False) or getattr(opts, "save_stream_file", None)
                 or ctx.master.addons.get("view") is not None):
-            flow.response.raw_content = b"".join(trace.tap.pieces)
+            return
+        if flow.response.raw_content is None:
+            flow.response.raw_content = b"".join(tap.pieces)
+        flow.metadata[contentview.PIECES_KEY] = {"times": tap.times, "sizes": list(map(len, tap.pieces)),
+                                                 "clock": time.time() - time.monotonic(),
+                                                 "started": flow.request.timestamp_start}
 
     @guarded
     def _record_unfinished(self, flow: http.HTTPFlow, trace: Trace) -> None:
@@ -304,21 +329,19 @@ class R4UTracer:
         link.traced += 1
         opts = ctx.options
         link.append(exchange, {"max_body_bytes": opts.r4u_max_body_bytes, "redact": list(opts.r4u_redact_headers),
-                               "redact_body_keys": list(opts.r4u_redact_body_keys)},
+                               "redact_body_keys": list(opts.r4u_redact_body_keys),
+                               "openai_url_alias": opts.r4u_openai_url_alias},
                            trace.tap.kept_bytes if trace.tap is not None else 0)
 
     @guarded
     def _annotate(self, flow: http.HTTPFlow, trace: Trace) -> None:
-        """For mitmweb: a place in the flow for the trace's timing, which the deliverer's
-        outcomes fill (its keys exist from here on); a comment that follows the trace's
-        delivery; a mark (`~marked`) on flows whose trace is truncated or dead-lettered."""
-        wire = dict.fromkeys(WIRE_FIELDS)
-        wire["provider"] = trace.provider
+        """For mitmweb: a comment that follows the trace's delivery; a mark (`~marked`) on flows
+        whose trace is truncated (which the SSE view says too) or dead-lettered."""
         body = flow.response.raw_content if flow.response is not None and trace.tap is None else None
         truncated = (trace.tap is not None and trace.tap.truncated) or len(body or b"") > ctx.options.r4u_max_body_bytes
         if truncated:
             flow.marked = ":warning:"
-        flow.metadata[contentview.WIRE_KEY] = wire
+            flow.metadata[contentview.TRUNCATED_KEY] = True
         followed = self.link.followed
         followed[trace.trace_id] = (weakref.ref(flow), truncated)
         if len(followed) > FLOWS_FOLLOWED:
@@ -327,7 +350,7 @@ class R4UTracer:
 
     def _delivery_outcome(self, message: dict) -> None:
         """From the delivery process, on the event loop: show what became of a flow's trace in
-        mitmweb (`~comment dead-lettered`, `~comment waiting`) and its timing in the SSE view."""
+        mitmweb (`~comment dead-lettered`, `~comment waiting`), and why a dead letter is one."""
         trace_id, outcome = message.get("trace"), str(message.get("outcome"))
         followed = self.link.followed
         ref, truncated = followed.get(trace_id, (None, False))
@@ -336,12 +359,12 @@ class R4UTracer:
             return
         if outcome in ("delivered", "dead-lettered"):
             del followed[trace_id]
-        wire, found = flow.metadata.get(contentview.WIRE_KEY), message.get("wire")
-        if isinstance(wire, dict) and isinstance(found, dict):
-            wire.update((key, found.get(key)) for key in WIRE_FIELDS)
-        _set_comment(flow, trace_id, outcome, truncated)
         if outcome == "dead-lettered":
             flow.marked = ":warning:"
+            reason = " ".join(str(message.get("reason") or "").split())  # one line, whatever was sent
+            if reason:
+                outcome += f": {reason if len(reason) <= REASON_SHOWN else reason[:REASON_SHOWN - 1] + '…'}"
+        _set_comment(flow, trace_id, outcome, truncated)
         ctx.master.addons.trigger(hooks.UpdateHook([flow]))
 
     @command.command("r4u.status")

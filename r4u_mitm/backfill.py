@@ -82,11 +82,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="more header names to redact, as r4u_redact_headers")
     parser.add_argument("--redact-body-keys", nargs="+", action="extend", default=[], metavar="NAME",
                         help="more JSON member names to redact in bodies, as r4u_redact_body_keys")
+    parser.add_argument("--no-openai-url-alias", dest="openai_url_alias", action="store_false",
+                        help="Azure and compatible hosts keep their real URL in metadata.url, as "
+                             "r4u_openai_url_alias=false")
+    parser.add_argument("--max-attempts", type=int, default=5,
+                        help="posts of a trace R4U fails on before it is dead-lettered, as r4u_max_attempts "
+                             "(default: %(default)s)")
     parser.add_argument("--wait", type=float, default=60.0,
                         help="seconds to wait for R4U to take the traces; the rest stays in the outbox")
     args = parser.parse_args(argv)
     if not args.flows.is_file():
         parser.error(f"no such flow file: {args.flows}")
+    if args.max_attempts < 1:
+        parser.error(f"--max-attempts must be 1 or more, not {args.max_attempts}")
     try:
         rules = hosts.parse_host_rules(args.hosts)
     except ValueError as exc:
@@ -100,10 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         read, added, skipped = spool_flows(args.flows, spool, rules, progress=progress,
                                            options={"max_body_bytes": args.max_body_bytes,
                                                     "redact": args.redact_headers,
-                                                    "redact_body_keys": args.redact_body_keys})
+                                                    "redact_body_keys": args.redact_body_keys,
+                                                    "openai_url_alias": args.openai_url_alias})
         print(f"\r{read} flows read, {len(added)} traced ({skipped} already in {path})", file=sys.stderr)
         # a deliverer for the spool: this one, or (standing by) the one a proxy runs already
-        deliverer = supervisor.Deliverer(path, ["--r4u-url", args.r4u_url, "--drain-seconds", "0"],
+        deliverer = supervisor.Deliverer(path, ["--r4u-url", args.r4u_url, "--drain-seconds", "0",
+                                                "--max-attempts", str(args.max_attempts)],
                                          lambda message: _show(message))
         deadline = time.monotonic() + args.wait
         try:

@@ -12,11 +12,12 @@ _USERINFO = re.compile(r"^([^:/?#]*:)?//[^/?#]*@")  # user:password@ in a URL
 
 
 def traces_urls(api_url: str) -> tuple[str, str, str]:
-    """`(base, post_url, probe_url)` for a base URL given with or without a trailing `/v1`."""
+    """`(base, post_url, probe_url)` for a base URL given with or without a trailing `/v1`: R4U is
+    probed with `GET /health`, which reads nothing stored."""
     base = api_url.strip().rstrip("/")
     if base.endswith("/v1"):
         base = base[:-3].rstrip("/")
-    return base, f"{base}/v1/http-traces", f"{base}/v1/traces?limit=1"
+    return base, f"{base}/v1/http-traces", f"{base}/health"
 
 
 class SetupError(ValueError):

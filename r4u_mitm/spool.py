@@ -6,7 +6,8 @@ The proxy appends each finished exchange as it was on the wire (`pack`: a small 
 bodies and the piece times as BLOBs; no decoding, no parsing); the deliverer claims due rows,
 builds the records (`unpack` then `record.build_record`) and settles them: delivered rows are
 deleted, refused ones move to the dead-letter table as they are (raw: a later version can rebuild
-them), the rest are tried again later. A trace id is accepted once (`seen`): a proxy and a
+them; `requeue_dead` puts them back), the rest are tried again later, counting the attempts and,
+apart, R4U's failures on the record (which the deliverer caps). A trace id is accepted once (`seen`): a proxy and a
 backfill of its flows never post one record twice. Bounded: beyond `max_records` rows or
 `max_bytes`, the oldest are dropped, counted and reported to the caller (who logs it).
 
@@ -32,7 +33,7 @@ from typing import NamedTuple
 from r4u_mitm.pure.record import Exchange
 from r4u_mitm.pure.redact import body_redactor, redact_pairs, redact_raw, redact_url
 
-__all__ = ["Spool", "SpoolClosed", "SpoolError", "Packed", "pack", "unpack", "read_stats",
+__all__ = ["Spool", "SpoolClosed", "SpoolError", "Packed", "pack", "unpack", "read_stats", "read_dead_letters",
            "DEFAULT_MAX_RECORDS", "DEFAULT_MAX_BYTES"]
 
 # Sized for a day of heavy use on a laptop: ~100k exchanges, ~10 KB each on average, with
@@ -40,7 +41,7 @@ __all__ = ["Spool", "SpoolClosed", "SpoolError", "Packed", "pack", "unpack", "re
 DEFAULT_MAX_RECORDS = 100_000
 DEFAULT_MAX_BYTES = 1024 * 1024 * 1024  # 1 GiB
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 REASON_MAX = 200
 ERROR_MAX = 200
 SEEN_MAX = 100_000  # trace ids remembered (the most recent)
@@ -50,6 +51,7 @@ TOTALS = ("pending", "pending_bytes", "dead_letter", "dead_letter_bytes", "seen"
 # Give the freed pages back to the file system when the spool empties and this much is free.
 VACUUM_FREE_BYTES = 64 * 1024 * 1024
 RAW = "head, request_body, response_body, piece_ends, piece_times"
+DEAD_COLUMNS = "trace_id, status, reason, failed_at, attempts"
 RECORD_HEAD = b'{"record":true}'  # a finished record (from a version 1 outbox): posted as it is
 
 _SCHEMA = f"""
@@ -65,7 +67,8 @@ CREATE TABLE IF NOT EXISTS exchanges (
     request_body  BLOB    NOT NULL,
     response_body BLOB    NOT NULL,
     piece_ends    BLOB    NOT NULL,
-    piece_times   BLOB    NOT NULL
+    piece_times   BLOB    NOT NULL,
+    failures      INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS exchanges_due ON exchanges (next_attempt, id);
 CREATE TABLE IF NOT EXISTS dead_letter (
@@ -129,6 +132,8 @@ INSERT INTO dead_letter (trace_id, created, failed_at, status, reason, attempts,
 DROP TABLE pending;
 DROP TABLE dead_letter_v1;
 """
+# A version 2 file: the count of R4U's failures on each exchange (see `settle`'s `failed`).
+_FROM_V2 = "ALTER TABLE exchanges ADD COLUMN failures INTEGER NOT NULL DEFAULT 0"
 
 
 class SpoolError(RuntimeError):
@@ -161,6 +166,7 @@ class Row(NamedTuple):
     id: int
     trace_id: str
     attempts: int
+    failures: int   # attempts R4U answered with a failure that counts against the cap (a 500)
     head: bytes
     request_body: bytes
     response_body: bytes
@@ -271,6 +277,8 @@ class Spool:
                     raise SpoolError(f"{self.path} was written by a newer r4u-mitm (schema {version})")
                 for statement in _statements(_FROM_V1 if version == 1 else _SCHEMA):
                     db.execute(statement)
+                if version == 2:
+                    db.execute(_FROM_V2)
                 db.executemany("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)",
                                [(name,) for name in COUNTERS + TOTALS])
                 if version == 1:  # the totals of the tables just filled
@@ -342,22 +350,25 @@ class Spool:
             if not ids:
                 return []
             rows = {row[0]: row for row in db.execute(
-                f"SELECT id, trace_id, attempts, {RAW} FROM exchanges WHERE id IN ({_marks(len(ids))})", ids)}
+                f"SELECT id, trace_id, attempts, failures, {RAW} FROM exchanges WHERE id IN ({_marks(len(ids))})",
+                ids)}
             out = [Row(*rows[i]) for i in ids if i in rows]
             self._claimed.update(row[0] for row in out)
             return out
 
     def settle(self, delivered: Iterable[int] = (),
                retry: Iterable[tuple[int, float, str]] = (),
-               dead: Iterable[tuple[int, int | None, str]] = ()) -> None:
+               dead: Iterable[tuple[int, int | None, str]] = (),
+               failed: Iterable[tuple[int, float, str]] = ()) -> None:
         """Record what became of claimed records, in one transaction:
         `delivered` rowids are deleted (counted in `delivered`); `retry` items
         `(rowid, next_attempt, error)` are tried again from `next_attempt` (wall clock; attempts+1,
-        counted in `retried`); `dead` items `(rowid, http_status, reason)` move to the dead-letter
-        table (counted in `dead_lettered`). The rowids are no longer claimed afterwards, even if
-        this fails (then they are simply delivered again later)."""
-        delivered, retry, dead = list(delivered), list(retry), list(dead)
-        touched = set(delivered) | {r[0] for r in retry} | {d[0] for d in dead}
+        counted in `retried`); `failed` items, the same, are records R4U failed on (failures+1
+        too: the deliverer caps those); `dead` items `(rowid, http_status, reason)` move to the
+        dead-letter table (counted in `dead_lettered`). The rowids are no longer claimed
+        afterwards, even if this fails (then they are simply delivered again later)."""
+        delivered, retry, dead, failed = list(delivered), list(retry), list(dead), list(failed)
+        touched = set(delivered) | {r[0] for r in retry} | {d[0] for d in dead} | {f[0] for f in failed}
         if not touched:
             return
         now = time.time()
@@ -369,12 +380,14 @@ class Spool:
                         for chunk in _chunks(delivered):  # one statement per chunk, not per row
                             db.execute(f"DELETE FROM exchanges WHERE id IN ({_marks(len(chunk))})", chunk)
                         _bump(db, "delivered", len(delivered))
-                    if retry:
-                        db.executemany(
-                            "UPDATE exchanges SET attempts = attempts + 1, next_attempt = ?, last_error = ? WHERE id = ?",
-                            [(at, (error or "")[:ERROR_MAX], rowid) for rowid, at, error in retry],
-                        )
-                        _bump(db, "retried", len(retry))
+                    for items, failure in ((retry, 0), (failed, 1)):
+                        if items:
+                            db.executemany(
+                                "UPDATE exchanges SET attempts = attempts + 1, failures = failures + ?, "
+                                "next_attempt = ?, last_error = ? WHERE id = ?",
+                                [(failure, at, (error or "")[:ERROR_MAX], rowid) for rowid, at, error in items],
+                            )
+                            _bump(db, "retried", len(items))
                     if dead:
                         for rowid, status, reason in dead:
                             db.execute(
@@ -449,11 +462,29 @@ class Spool:
         """The most recent dead letters (newest first), bodies included, for inspection."""
         with self._lock:
             rows = self._conn().execute(
-                f"SELECT trace_id, status, reason, failed_at, attempts, {RAW} FROM dead_letter ORDER BY id DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
-        return [{**dict(zip(("trace_id", "status", "reason", "failed_at", "attempts"), row[:5])),
-                 "raw": Packed(row[0], *row[5:])} for row in rows]
+                f"SELECT {DEAD_COLUMNS}, {RAW} FROM dead_letter ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [_dead_letter(row) for row in rows]
+
+    def requeue_dead(self, reason: str | None = None) -> int:
+        """Move the dead letters whose reason contains `reason` (ignoring case; all when None)
+        back among the pending exchanges, raw as they were kept, due now, their attempts reset
+        (R4U was upgraded, or what refused them fixed). Returns how many. No bound is applied
+        here (dead letters are a tenth of the bounds at most): the next append trims."""
+        with self._lock:
+            db = self._conn()
+            try:
+                with _transaction(db):
+                    ids = [rowid for rowid, text in db.execute("SELECT id, reason FROM dead_letter ORDER BY id")
+                           .fetchall() if _matches(text, reason)]
+                    for chunk in _chunks(ids):  # due since they were made: claimed in their first order
+                        marks = _marks(len(chunk))
+                        db.execute(f"INSERT INTO exchanges (trace_id, created, next_attempt, size, {RAW}) "
+                                   f"SELECT trace_id, created, created, size, {RAW} FROM dead_letter "
+                                   f"WHERE id IN ({marks}) ORDER BY id", chunk)
+                        db.execute(f"DELETE FROM dead_letter WHERE id IN ({marks})", chunk)
+            except sqlite3.Error as exc:
+                raise SpoolError(f"cannot write to the outbox {self.path}: {exc}") from exc
+        return len(ids)
 
     # Lifecycle ----------------------------------------------------------------------------------
 
@@ -527,6 +558,23 @@ def read_stats(path: str | os.PathLike) -> dict:
     """Stats of an existing outbox file, read-only, creating nothing (for `r4u-mitm status`,
     with or without a proxy running). Raises FileNotFoundError when there is no such file."""
     path = Path(path).expanduser()
+    return _read_only(path, lambda db: _stats(db, path))
+
+
+def read_dead_letters(path: str | os.PathLike, reason: str | None = None, *, bodies: bool = False) -> list[dict]:
+    """The dead letters of an existing outbox whose reason contains `reason` (ignoring case; all
+    when None), oldest first, read-only like `read_stats`: trace_id, status, reason, failed_at,
+    attempts and, with `bodies`, the raw exchange (`raw`, as `deliver.build` takes it)."""
+
+    def read(db: sqlite3.Connection) -> list[dict]:
+        rows = db.execute(f"SELECT {DEAD_COLUMNS}{', ' + RAW if bodies else ''} FROM dead_letter ORDER BY id")
+        return [_dead_letter(row) for row in rows if _matches(row[2], reason)]
+
+    return _read_only(Path(path).expanduser(), read)
+
+
+def _read_only(path: Path, read):
+    """`read(connection)` on the outbox at `path`, opened read-only."""
     if not path.is_file():
         raise FileNotFoundError(f"no outbox at {path}")
     uri = path.resolve().as_uri()
@@ -542,7 +590,7 @@ def read_stats(path: str | os.PathLike) -> dict:
             error = exc
             continue
         try:
-            return _stats(db, path)
+            return read(db)
         except sqlite3.Error as exc:
             error = exc
         finally:
@@ -599,6 +647,18 @@ def _counter(db: sqlite3.Connection, name: str) -> int:
     return int(row[0]) if row else 0
 
 
+def _matches(reason: str | None, text: str | None) -> bool:
+    return text is None or text.casefold() in (reason or "").casefold()
+
+
+def _dead_letter(row: tuple) -> dict:
+    """A row of `DEAD_COLUMNS` (and the raw exchange's columns, when selected) as a dict."""
+    item = dict(zip(("trace_id", "status", "reason", "failed_at", "attempts"), row[:5]))
+    if len(row) > 5:
+        item["raw"] = Packed(row[0], *row[5:])
+    return item
+
+
 def _stats(db: sqlite3.Connection, path: Path) -> dict:
     values = dict(db.execute("SELECT name, value FROM counters").fetchall())
     oldest = db.execute("SELECT created, attempts, last_error FROM exchanges ORDER BY id LIMIT 1").fetchone()
@@ -613,6 +673,10 @@ def _stats(db: sqlite3.Connection, path: Path) -> dict:
         "retried": values.get("retried", 0),
         "dead_lettered": values.get("dead_lettered", 0),
         "dead_letter_kept": values.get("dead_letter", 0),
+        # what R4U said (or why the record could not be built), most frequent first
+        "dead_letter_reasons": [{"status": status, "reason": reason, "count": n} for status, reason, n in db.execute(
+            "SELECT status, reason, count(*) FROM dead_letter GROUP BY status, reason "
+            "ORDER BY count(*) DESC, max(id) DESC")],
         "dropped": values.get("dropped", 0),
         "deliverer": {key: json.loads(value) for key, value in db.execute("SELECT key, value FROM state")},
     }

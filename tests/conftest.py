@@ -17,21 +17,17 @@ SECRET = "sk-test-SECRET-4f9c2a7e1b3d5f8a0c6e"
 
 class Spooled:
     """Stands in for the spool writer in the addon's unit tests: packs each exchange the addon
-    hands over as the spool stores it, and builds its record as the deliverer does (`records`,
-    and in `messages` what the deliverer would tell the proxy once it is delivered)."""
+    hands over as the spool stores it, and builds its record as the deliverer does (`records`)."""
 
     def __init__(self):
         self.records = []
-        self.messages = []
         self.lost = 0
 
     def append(self, exchange, options, kept=0):
         from r4u_mitm.delivery.deliver import build
         from r4u_mitm.spool import pack
 
-        body, wire = build(pack(exchange, options))
-        self.records.append(json.loads(body))
-        self.messages.append({"trace": exchange.trace_id, "outcome": "delivered", "wire": wire})
+        self.records.append(json.loads(build(pack(exchange, options))))
 
     def close(self, timeout):
         return True

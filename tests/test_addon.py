@@ -122,11 +122,41 @@ def test_a_fault_while_building_the_record_is_contained(tracer, monkeypatch):
     ("r4u_api_url", "http:///v1", "r4u_api_url: no host in 'http:///v1'"),
     ("r4u_ca_file", "/no/such/ca.pem", "r4u_ca_file: cannot read /no/such/ca.pem: No such file or directory"),
     ("r4u_drain_seconds", -1, "r4u_drain_seconds"),
+    ("r4u_max_attempts", 0, "r4u_max_attempts must be 1 or more, not 0"),
 ])
 def test_bad_options_are_refused_clearly(tracer, option, value, message):
     t, tctx = tracer
     with pytest.raises(exceptions.OptionsError, match=message):
         tctx.configure(t, **{option: value})
+
+
+@pytest.mark.parametrize("alias, url", [
+    (True, "https://api.openai.com/v1/chat/completions"),
+    (False, "https://res.openai.azure.com/openai/deployments/d/chat/completions?api-version=2024-10-21"),
+])
+def test_the_openai_url_alias_option_goes_with_each_exchange(tracer, alias, url):
+    """Stored with the exchange (the deliverer builds the record with it), as the redaction options."""
+    t, tctx = tracer
+    tctx.configure(t, r4u_openai_url_alias=alias)
+    flow = openai_flow("/openai/deployments/d/chat/completions?api-version=2024-10-21", host="res.openai.azure.com")
+    t.requestheaders(flow)
+    flow.response = tutils.tresp(headers=((b"content-type", b"application/json"),), content=b"{}")
+    t.response(flow)
+    (record,) = t.link.writer.records
+    assert record["metadata"]["url"] == url and record["metadata"]["provider"] == "azure_openai"
+    assert ("upstream_url" in record["metadata"]) is alias
+
+
+def test_max_attempts_goes_to_the_deliverer(tracer, monkeypatch):
+    from r4u_mitm.delivery import deliver
+
+    t, tctx = tracer
+    started = {}
+    monkeypatch.setattr(t.link, "start", lambda **kw: started.update(kw))
+    tctx.configure(t, r4u_max_attempts=2)
+    t._start()
+    opts = deliver.parser().parse_args(started["deliverer_args"])  # what the deliverer makes of them
+    assert opts.max_attempts == 2 and opts.r4u_url == "http://127.0.0.1:9"
 
 
 def test_a_refused_delivery_option_leaves_the_working_spool_in_place(tmp_path):
@@ -186,14 +216,35 @@ def test_the_flow_comment_follows_the_trace_delivery(tracer):
         t.response(flow)
     ids = [flow.metadata["r4u.trace_id"] for flow in flows]
     assert flows[0].comment == f"r4u {ids[0][:8]} · pending"
-    t._delivery_outcome({"trace": ids[0], "outcome": "waiting for R4U", "wire": None})
+    t._delivery_outcome({"trace": ids[0], "outcome": "waiting for R4U"})
     assert flows[0].comment == f"r4u {ids[0][:8]} · waiting for R4U"
-    t._delivery_outcome({"trace": ids[0], "outcome": "delivered", "wire": {"events": 3, "ttft_ms": 1.5}})
-    t._delivery_outcome({"trace": ids[1], "outcome": "dead-lettered", "wire": None})
-    assert flows[0].metadata["r4u.wire"]["events"] == 3 and flows[0].metadata["r4u.wire"]["ttft_ms"] == 1.5
-    assert flows[0].comment.endswith("· delivered") and not flows[0].marked
-    assert flows[1].comment.endswith("· dead-lettered") and flows[1].marked
+    t._delivery_outcome({"trace": ids[0], "outcome": "delivered"})
+    t._delivery_outcome({"trace": ids[1], "outcome": "dead-lettered", "reason": "HTTP 422: body.request: Field required"})
+    assert flows[0].comment == f"r4u {ids[0][:8]} · delivered" and not flows[0].marked
+    assert flows[1].comment == f"r4u {ids[1][:8]} · dead-lettered: HTTP 422: body.request: Field required"
+    assert flows[1].marked
+    t._delivery_outcome({"trace": ids[1], "outcome": "delivered"})  # settled: no longer followed
+    assert flows[1].comment.endswith("· dead-lettered: HTTP 422: body.request: Field required")
     t._delivery_outcome({"trace": "unknown-trace", "outcome": "delivered"})  # a flow long gone: nothing to do
+
+
+@pytest.mark.parametrize("reason, shown", [
+    (None, "dead-lettered"),
+    ("", "dead-lettered"),
+    ("cannot build the record:\n  TypeError:\tbad", "dead-lettered: cannot build the record: TypeError: bad"),
+    ("HTTP 400: " + "x" * 300, "dead-lettered: HTTP 400: " + "x" * (addon_module.REASON_SHOWN - 11) + "…"),
+    (["not", "text"], "dead-lettered: ['not', 'text']"),
+])
+def test_a_dead_letter_comment_says_why_on_one_short_line(tracer, reason, shown):
+    t, _ = tracer
+    flow = openai_flow()
+    t.requestheaders(flow)
+    flow.response = tutils.tresp(headers=((b"content-type", b"application/json"),))
+    t.response(flow)
+    trace_id = flow.metadata["r4u.trace_id"]
+    t._delivery_outcome({"trace": trace_id, "outcome": "dead-lettered", "reason": reason})
+    assert flow.comment == f"r4u {trace_id[:8]} · {shown}" and flow.marked
+    assert len(flow.comment) <= len(f"r4u {trace_id[:8]} · dead-lettered: ") + addon_module.REASON_SHOWN
 
 
 def test_plain_mitmdump_does_not_copy_streamed_bodies_back(tmp_path):

@@ -103,3 +103,21 @@ def test_backfill_takes_the_redaction_options_of_the_addon(tmp_path, upstream, r
     assert trace["request_headers"]["x-mine"] == trace["request_headers"]["authorization"] == "[REDACTED]"
     request = json.loads(trace["request"])
     assert request["session_ticket"] == request["api_key"] == "[REDACTED]" and request["max_tokens"] == 20
+
+
+def test_backfill_takes_the_openai_url_alias_option_of_the_addon(tmp_path, upstream, r4u, monkeypatch, tag):
+    """`--no-openai-url-alias` does what r4u_openai_url_alias=false does live: an Azure trace
+    keeps its real URL in metadata.url."""
+    flows = tmp_path / "flows.mitm"
+    with Mitmdump(tmp_path / "dump", addon=False, upstream_port=upstream.port, args=("-w", str(flows))) as proxy:
+        for key, value in proxy.client_env().items():
+            monkeypatch.setenv(key, value)
+        openai.AzureOpenAI(azure_endpoint="https://myres.openai.azure.com", api_key=SECRET, api_version="2024-10-21",
+                           max_retries=0).chat.completions.create(model="dep", messages=CHAT, extra_headers=headers(tag))
+    run = subprocess.run([CLI, "backfill", str(flows), "--r4u-url", r4u.url, "--outbox", str(tmp_path / "o.sqlite"),
+                          "--wait", "20", "--no-openai-url-alias"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    (trace,) = traces_for(r4u, tag)
+    meta = trace["metadata"]
+    assert meta["url"] == "https://myres.openai.azure.com/openai/deployments/dep/chat/completions?api-version=2024-10-21"
+    assert meta["provider"] == "azure_openai" and "upstream_url" not in meta

@@ -1,11 +1,14 @@
 """The mitmweb view for event streams (`r4u_mitm.proxy.contentview`) and what the addon leaves on flows
-for it (trace id comment, truncation mark, wire timing). The real browser path is in
-test_mitmweb_e2e."""
+for it (trace id comment, truncation mark, the teed pieces' arrival times). The real browser path
+is in test_mitmweb_e2e."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
+import time
+import zlib
 
 import pytest
 from mitmproxy import contentviews
@@ -190,19 +193,77 @@ def test_events_are_listed_readably():
     assert "#10 custom · id 7 · retry 100: not json" in events
 
 
-def test_wire_timing_from_the_addon_and_without_it():
+def timing_section(text: str) -> str:
+    return text[text.index("─── Wire timing"):text.index("─── Events")]
+
+
+def first_output_end(raw: bytes) -> int:
+    """Oracle for a plain chat stream: the offset just past the first event whose delta has text."""
+    offset = 0
+    for block in raw.split(b"\n\n"):
+        offset += len(block) + 2
+        if block.startswith(b"data: {") and json.loads(block[6:])["choices"][0]["delta"].get("content"):
+            return offset
+    raise AssertionError("no output event")
+
+
+def test_wire_timing_is_computed_from_the_flow():
+    """ttfb and duration from mitmproxy's timestamps; the first token from the arrival of the
+    teed piece that completed the first output event, even when pieces split events."""
     raw = (STREAMS / "openai_chat/basic.sse").read_bytes()
-    wire = {"provider": "openai", "ttfb_ms": 12.5, "ttft_ms": 20.25, "duration_ms": 140.0,
-            "events": 10, "response_bytes": len(raw), "truncated": None}
-    text = render(raw, flow_metadata(sse_flow("openai_chat", raw, **{"r4u.wire": wire})))
-    timing = text[text.index("─── Wire timing"):text.index("─── Events")]
-    for line in ("time to first byte (response headers): 12 ms",
-                 "time to first token (first output event): 20 ms", "duration (request start to last byte): 140 ms",
-                 f"10 events · {len(raw)} bytes on the wire"):
-        assert line in timing
+    flow = sse_flow("openai_chat", raw)  # tflow: request at 946681200, headers at +2 s, end at +3 s
+    size = 7
+    sizes = [len(raw[i:i + size]) for i in range(0, len(raw), size)]
+    start, clock = flow.request.timestamp_start, 5000.0  # monotonic = wall - clock
+    times = [start - clock + 2 + 0.001 * n for n in range(len(sizes))]
+    flow.metadata["r4u.pieces"] = {"times": times, "sizes": sizes, "clock": clock, "started": start}
+    text = render(raw, flow_metadata(flow))
+    timing = timing_section(text)
+    k = (first_output_end(raw) - 1) // size  # the piece holding the blank line that ends the event
+    assert timing.split("\n")[1:6] == [
+        "time to first byte (response headers): 2000 ms",
+        f"time to first token (first output event): {2000 + k} ms",
+        "duration (request start to last byte): 3000 ms",
+        f"10 events · {len(raw)} bytes on the wire",
+        "(request start = 0; first token: when the piece that completed it arrived)",
+    ]
     assert text.index("Assembled result") < text.index("Wire timing") < text.index("─── Events")
-    plain = render(raw, flow_metadata(sse_flow("openai_chat", raw)))  # tflow: headers at +2 s, end at +3 s
-    assert "from mitmproxy's timestamps" in plain and "time to first byte (response headers): 2000 ms" in plain
+    # The same stream gzip-compressed, one compressed piece per event: the pieces are what came.
+    events = [block + b"\n\n" for block in raw.split(b"\n\n")[:-1]]
+    gz = zlib.compressobj(wbits=31)
+    pieces = [gz.compress(event) + gz.flush(zlib.Z_SYNC_FLUSH) for event in events]
+    pieces[-1] += gz.flush()
+    flow.response.headers["content-encoding"] = "gzip"
+    flow.response.raw_content = b"".join(pieces)
+    flow.metadata["r4u.pieces"] = {"times": [start + 0.5 + n for n in range(len(pieces))],
+                                   "sizes": [len(p) for p in pieces], "clock": 0.0, "started": start}
+    assert flow.response.content == raw
+    timing = timing_section(render(raw, flow_metadata(flow)))
+    assert "time to first token (first output event): 1500 ms" in timing  # the second event, in the second piece
+    assert f"10 events · {len(flow.response.raw_content)} bytes on the wire" in timing
+
+
+def test_wire_timing_without_piece_times_or_output():
+    raw = (STREAMS / "openai_chat/basic.sse").read_bytes()
+    unknown = "time to first token (first output event): not known (no arrival times of this body's pieces on the flow)"
+    assert unknown in render(raw, flow_metadata(sse_flow("openai_chat", raw)))  # not traced, or saved without r4u
+    start = sse_flow("openai_chat", raw).request.timestamp_start
+    edited = sse_flow("openai_chat", raw, **{"r4u.pieces": {"times": [1.0], "sizes": [len(raw) - 1], "clock": 0,
+                                                            "started": start}})
+    assert unknown in render(raw, flow_metadata(edited))  # the body is not what was teed (edited in mitmweb)
+    replayed = sse_flow("openai_chat", raw, **{"r4u.pieces": {"times": [1.0], "sizes": [len(raw)], "clock": 0,
+                                                              "started": start - 60}})
+    assert unknown in render(raw, flow_metadata(replayed))  # the pieces timed another exchange of this flow
+    quiet = b'data: {"choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\ndata: [DONE]\n\n'
+    flow = sse_flow("openai_chat", quiet, **{"r4u.pieces": {"times": [1.0], "sizes": [len(quiet)], "clock": 0,
+                                                            "started": start}})
+    assert "time to first token (first output event): none (no output event)" in render(quiet, flow_metadata(flow))
+    other = b"data: plain\n\n"  # not an LLM stream: no first token to speak of
+    flow = tflow.tflow(req=tutils.treq(host="status.example.com", port=443, scheme=b"https", path=b"/live"))
+    flow.response = tutils.tresp(headers=((b"content-type", b"text/event-stream"),), content=other)
+    timing = timing_section(render(other, flow_metadata(flow)))
+    assert "first token" not in timing and "1 event · 13 bytes on the wire" in timing
+    assert "─── Wire timing ───\n1 event\n" in render(other, Metadata(content_type=SSE))  # no flow: no times
 
 
 # -- bounded, and never raises ----------------------------------------------------------------------------
@@ -252,12 +313,20 @@ GARBAGE = [
 
 @pytest.mark.parametrize("data", GARBAGE + [random.Random(seed).randbytes(5000) for seed in range(5)])
 def test_garbage_never_raises(data):
-    flow = sse_flow("openai_chat", data, **{"r4u.wire": {"ttfb_ms": "soon", "events": -1}, "r4u.trace_id": 5})
-    for metadata in (Metadata(content_type=SSE), flow_metadata(flow), Metadata(), None, object()):
-        text = render(data, metadata)
-        assert isinstance(text, str) and text
-        assert VIEW.prettify(data, metadata) == text
-        assert isinstance(VIEW.render_priority(data, metadata), float)
+    odd_pieces = ({"times": "soon", "sizes": [len(data)], "clock": 0}, {"times": [None], "sizes": [len(data)], "clock": 0},
+                  {"times": [1.0], "sizes": [float(len(data))], "clock": 0}, {"times": [], "sizes": [], "clock": "x"},
+                  {"times": [1.0, 2.0], "sizes": [-1, len(data) + 1], "clock": 0}, {"times": [1.0], "clock": 0},
+                  {"times": [1.0], "sizes": [len(data)], "clock": 0, "started": None}, [1, 2], None)
+    for pieces in odd_pieces:
+        if isinstance(pieces, dict) and "started" not in pieces:
+            pieces["started"] = tutils.treq().timestamp_start  # as sse_flow's: the other oddities are reached
+        flow = sse_flow("openai_chat", data, **{"r4u.pieces": pieces, "r4u.provider": 7, "r4u.truncated": "yes",
+                                                "r4u.trace_id": 5})
+        for metadata in (Metadata(content_type=SSE), flow_metadata(flow), Metadata(), None, object()):
+            text = render(data, metadata)
+            assert isinstance(text, str) and text and "could not render" not in text
+            assert VIEW.prettify(data, metadata) == text
+            assert isinstance(VIEW.render_priority(data, metadata), float)
 
 
 def test_odd_inputs_never_raise():
@@ -319,14 +388,17 @@ def streamed(t, raw: bytes, pieces: int = 4, error: str | None = None):
     flow = tflow.tflow(req=tutils.treq(host="api.openai.com", port=443, scheme=b"https", method=b"POST",
                                        path=b"/v1/chat/completions"))
     flow.request.headers["host"] = "api.openai.com"
+    flow.request.timestamp_start = time.time()  # stamped as mitmproxy does, on the clock the tap's times follow
     t.requestheaders(flow)
-    flow.response = tutils.tresp(headers=((b"content-type", b"text/event-stream"),), content=None)
+    flow.response = tutils.tresp(headers=((b"content-type", b"text/event-stream"),), content=None,
+                                 timestamp_start=time.time(), timestamp_end=None)
     t.responseheaders(flow)
     size = -(-len(raw) // pieces)
     for i in range(0, len(raw), size):
         assert flow.response.stream(raw[i:i + size]) == raw[i:i + size]
     if error is None:
         flow.response.stream(b"")
+        flow.response.timestamp_end = time.time()
         t.response(flow)
     else:  # the client or the upstream ended it: mitmproxy calls `error` only
         flow.error = Error(error)
@@ -338,28 +410,48 @@ def test_addon_loads_the_view(tracer):
     assert contentviews.registry[NAME] is VIEW
 
 
-def test_traced_flows_get_a_trace_comment_and_wire_timing_for_the_view(tracer):
+def test_traced_flows_carry_what_the_view_computes_its_timing_from(tracer):
+    """The addon leaves the trace id, the provider and the teed pieces (sizes, and the tap's own
+    list of arrival times); the view computes from them the timing the record has."""
     t, _ = tracer
     raw = (STREAMS / "openai_chat/basic.sse").read_bytes()
-    flow = streamed(t, raw)
+    flow = streamed(t, raw, pieces=10)
     trace_id = flow.metadata["r4u.trace_id"]
     assert flow.comment == f"r4u {trace_id[:8]} · pending"
-    assert not flow.marked
-    wire = flow.metadata["r4u.wire"]
-    assert wire["provider"] == "openai" and wire["events"] is None  # until the deliverer says
+    assert not flow.marked and "r4u.truncated" not in flow.metadata
+    assert flow.metadata["r4u.provider"] == "openai"
+    pieces = flow.metadata["r4u.pieces"]
+    tap = flow.response.stream
+    assert pieces["times"] is tap.times and len(tap.times) == 10  # a reference, not a copy
+    assert pieces["started"] == flow.request.timestamp_start
+    assert b"".join(raw[sum(pieces["sizes"][:n]):sum(pieces["sizes"][:n + 1])] for n in range(10)) == raw
+    assert sum(pieces["sizes"]) == len(raw) == len(flow.response.raw_content)
     (record,) = t.link.writer.records
-    (message,) = t.link.writer.messages
-    t._delivery_outcome(message)
     meta = record["metadata"]
-    # filled from the record, built once by the deliverer, sent back with the outcome
-    assert wire["provider"] == "openai" and wire["response_bytes"] == len(raw)
-    for key in ("ttfb_ms", "ttft_ms", "duration_ms", "stream_complete"):
-        assert wire[key] == meta[key] and wire[key] is not None
-    assert wire["events"] == meta["events"] == 10
-    assert not wire["truncated"]
     text = render(flow.response.raw_content, flow_metadata(flow))
-    assert f"r4u trace {trace_id}" in text and f"10 events · {len(raw)} bytes on the wire" in text
-    assert "Salut ! Comment ça va ? 🥐" in result_section(text)
+    assert f"r4u trace {trace_id}" in text and "Salut ! Comment ça va ? 🥐" in result_section(text)
+    timing = timing_section(text)
+    assert f"{meta['events']} events · {meta['response_bytes']} bytes on the wire" in timing
+    for label, key in (("time to first byte", "ttfb_ms"), ("time to first token", "ttft_ms"),
+                       ("duration", "duration_ms")):  # the same instants, measured by the same clocks
+        shown = float(re.search(rf"{label} \(.*\): ([\d.]+) ms", timing).group(1))
+        assert abs(shown - meta[key]) <= 0.5 + 1e-3, (label, shown, meta[key])  # the view rounds
+
+
+def test_only_flows_someone_looks_at_keep_their_pieces(tmp_path):
+    """mitmdump alone (no view, no save file): no body restored, no piece times kept."""
+    from mitmproxy.test import taddons
+
+    from r4u_mitm.addon import R4UTracer
+    from tests.conftest import Spooled
+
+    t = R4UTracer()
+    with taddons.context(t) as tctx:
+        tctx.configure(t, r4u_outbox=str(tmp_path / "outbox.sqlite"), r4u_api_url="http://127.0.0.1:9")
+        t.link.writer = Spooled()
+        flow = streamed(t, (STREAMS / "openai_chat/basic.sse").read_bytes())
+    assert flow.response.raw_content is None and "r4u.pieces" not in flow.metadata
+    assert flow.metadata["r4u.provider"] == "openai"
 
 
 @pytest.mark.parametrize("cut, complete", [(None, True), (-200, False)])
@@ -386,9 +478,12 @@ def test_flows_with_a_truncated_trace_are_marked(tracer):
     flow = streamed(t, raw)
     assert flow.marked == ":warning:"
     assert flow.comment.startswith("r4u ") and flow.comment.endswith("· trace truncated")
-    t._delivery_outcome(t.link.writer.messages[0])
-    assert flow.metadata["r4u.wire"]["truncated"] is True
+    assert flow.metadata["r4u.truncated"] is True and "r4u.pieces" not in flow.metadata  # nothing restored
     assert t.link.writer.records[0]["metadata"]["truncated"] is True
+    store = (STREAMS / "openai_chat/basic.sse").read_bytes()  # as mitmproxy keeps it with store_streamed_bodies
+    flow.response.raw_content = store
+    assert "the trace is truncated (r4u_max_body_bytes or r4u_memory_mb)" in timing_section(
+        render(store, flow_metadata(flow)))
     from mitmproxy import flowfilter
     assert flowfilter.match("~marked", flow) and flowfilter.match("~comment truncated", flow)
 
@@ -402,8 +497,11 @@ def test_an_app_comment_is_kept(tracer):
     assert flow.comment == "mine"
 
 
-def test_a_fault_while_annotating_never_loses_the_trace(tracer):
-    t, _ = tracer
+@pytest.mark.parametrize("max_body_bytes", [None, 100])  # the pieces kept for the view; the truncation said
+def test_a_fault_while_annotating_never_loses_the_trace(tracer, max_body_bytes):
+    t, tctx = tracer
+    if max_body_bytes:
+        tctx.configure(t, r4u_max_body_bytes=max_body_bytes)
 
     class Boom(dict):
         def __setitem__(self, key, value):
@@ -414,6 +512,13 @@ def test_a_fault_while_annotating_never_loses_the_trace(tracer):
     flow.request.headers["host"] = "api.openai.com"
     t.requestheaders(flow)
     flow.metadata = Boom(flow.metadata)
-    flow.response = tutils.tresp(headers=((b"content-type", b"application/json"),), content=b"{}")
+    flow.response = tutils.tresp(headers=((b"content-type", b"text/event-stream"),), content=None)
+    t.responseheaders(flow)
+    raw = (STREAMS / "openai_chat/basic.sse").read_bytes()
+    for i in range(0, len(raw), 60):
+        flow.response.stream(raw[i:i + 60])
+    flow.response.stream(b"")
     t.response(flow)
+    assert flow.response.stream.truncated is bool(max_body_bytes)
     assert t.link.internal_errors == 1 and len(t.link.writer.records) == 1
+    assert t.link.writer.records[0]["response"] == (raw.decode() if max_body_bytes is None else raw[:100].decode())

@@ -153,8 +153,7 @@ def test_delivers_every_exchange_once_and_says_so(fake, box):
     assert state["retried"] == state["dead_lettered"] == state["dropped"] == 0
     assert state["deliverer"]["record_errors"] == 0 and state["deliverer"]["pid"] == d.proc.pid
     assert sorted(d.outcomes()) == sorted((i, "delivered") for i in ids)
-    wires = [m["wire"] for m in d.messages if "trace" in m]
-    assert all(w["provider"] == "openai" and w["duration_ms"] is not None for w in wires)
+    assert all(set(m) == {"trace", "outcome"} for m in d.messages if "trace" in m)  # nothing else per trace
     for post in fake.posts:
         assert post.path == "/v1/http-traces" and post.status == 201
         assert post.headers["content-type"] == "application/json"
@@ -188,6 +187,7 @@ def test_r4u_down_for_the_whole_first_phase_then_started(down, box):
     assert any(down.url in m and str(box) in m and "kept" in m for m in warnings), warnings
     assert sum("not answering" in m for m in warnings) == 1  # once, not per record or probe
     assert any("answers again" in m for m in d.logs("info"))
+    only_posts_and_health(down)
 
 
 def test_503_for_the_first_posts(fake, box):
@@ -256,7 +256,72 @@ def test_a_poison_record_is_dead_lettered_raw_and_the_others_delivered(fake, box
     assert stats(box)["deliverer"]["record_errors"] == 1
     text = "\n".join(d.logs())
     assert rejected.trace_id in text and broken.trace_id in text and BODY_MARK not in text
-    assert (rejected.trace_id, "dead-lettered") in d.outcomes()
+    told = {m["trace"]: m for m in d.messages if m.get("outcome") == "dead-lettered"}
+    assert told[rejected.trace_id]["reason"] == "HTTP 422: body: Value error, rejected by the fake"  # for mitmweb
+    assert told[broken.trace_id]["reason"].startswith("cannot build the record: TypeError")
+
+
+CRASH = "Internal error parsing HTTP trace: 'str' object has no attribute 'get'"  # R4U's, measured
+
+
+def only_posts_and_health(fake: FakeR4U) -> None:
+    """Apart from its probe, R4U sees nothing but posts of traces (no read of what it stores)."""
+    assert fake.seen and set(fake.seen) <= {("GET", "/health"), ("POST", "/v1/http-traces")}, set(fake.seen)
+
+
+def test_a_record_r4u_fails_on_is_posted_max_attempts_times_then_dead_lettered(fake, box):
+    """A 500 from an R4U that answers (its parser crashed on the record) is capped; an outage
+    (503) is not: it is waited out, however long."""
+    good = [exchange() for _ in range(10)]
+    crashing = exchange()
+    fake.reject(lambda r: r["metadata"]["trace_id"] == crashing.trace_id, 500, CRASH)
+    fake.fail_next(8, 503)  # more 503s than max attempts: still delivered
+    ids = spool_in(box, good[:5] + [crashing] + good[5:])
+    with Deliverer(box, fake.url, "--max-attempts", "3", "--retry-base", "0.01") as d:
+        until(lambda: stats(box)["dead_lettered"] == 1 and stats(box)["pending"] == 0, what="the dead letter")
+        state = stats(box)
+    once_each(fake, [i for i in ids if i != crashing.trace_id])
+    assert [p.status for p in fake.posts if p.trace_id == crashing.trace_id].count(500) == 3  # no more
+    assert [p.status for p in fake.posts].count(503) == 8
+    with Spool(box) as spool:
+        (dead,) = spool.dead_letters()
+    assert dead["trace_id"] == crashing.trace_id and dead["status"] == 500 and dead["reason"] == f"HTTP 500: {CRASH}"
+    assert dead["attempts"] >= 3  # its 500s, and any 503 it met
+    assert state["dead_letter_reasons"] == [{"status": 500, "reason": f"HTTP 500: {CRASH}", "count": 1}]
+    assert state["deliverer"]["reachable"] is True  # R4U answered all along
+    assert any("failed 3 times on trace " + crashing.trace_id in m for m in d.logs("warning"))
+    told = [outcome for trace, outcome in d.outcomes() if trace == crashing.trace_id]
+    assert told.count(f"retrying (HTTP 500: {CRASH})") == 2 and told[-1] == "dead-lettered"
+    only_posts_and_health(fake)
+
+
+def test_a_record_answered_late_waits_alone_with_a_longer_deadline(fake, box):
+    """R4U taking too long over one record (big, or a slow link) is not R4U down: that record is
+    tried again later, with its deadline doubled each time, and the others go on."""
+    late = exchange()
+    others = [exchange() for _ in range(10)]
+    fake.slow(1.2, only=lambda r: r["metadata"]["trace_id"] == late.trace_id)
+    spool_in(box, [late] + others)
+    with Deliverer(box, fake.url, "--timeout", "0.5") as d:
+        until(lambda: len(fake.received) >= 10, what="the others delivered")
+        until(lambda: stats(box)["delivered"] == 11, timeout=30, what="the late one delivered")
+        state = stats(box)
+    once_each(fake, [late.trace_id] + [ex.trace_id for ex in others])
+    assert fake.received[-1]["metadata"]["trace_id"] == late.trace_id  # the others did not wait for it
+    assert [p.status for p in fake.posts if p.trace_id == late.trace_id] == [0, 0, 201]  # 0.5 s, 1 s, then 2 s
+    told = [outcome for trace, outcome in d.outcomes() if trace == late.trace_id]
+    assert told == ["retrying (no answer within 0.5s (ReadTimeout))", "retrying (no answer within 1s (ReadTimeout))",
+                    "delivered"]
+    assert state["deliverer"]["reachable"] is True and state["dead_lettered"] == 0
+    assert not any("not answering" in m for m in d.logs())  # R4U was never taken for down
+    only_posts_and_health(fake)
+
+
+def test_max_attempts_must_be_one_or_more(box, fake):
+    proc = subprocess.run([sys.executable, "-m", "r4u_mitm.delivery.deliver", "--outbox", str(box), "--r4u-url",
+                           fake.url, "--max-attempts", "0"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "--max-attempts must be 1 or more, not 0" in proc.stderr
+    assert not box.exists()
 
 
 def test_setup_errors_keep_the_records(fake, box):

@@ -122,6 +122,32 @@ def test_fake_faults_stop_and_restart_on_the_same_port(fake):
         fake.wait_for(3, timeout=0.1)
 
 
+def test_fake_serves_health_like_r4u_and_sees_every_request(fake):
+    with httpx.Client(base_url=fake.url, trust_env=False, timeout=5) as client:
+        health = client.get("/health")
+        assert health.status_code == 200 and health.json() == {"status": "ok"}
+        client.post("/v1/http-traces", json=make())
+        client.get("/v1/traces", params={"limit": 1})
+        client.delete("/v1/nothing")
+    assert fake.seen == [("GET", "/health"), ("POST", "/v1/http-traces"), ("GET", "/v1/traces?limit=1"),
+                         ("DELETE", "/v1/nothing")]
+
+
+def test_fake_fails_on_chosen_records_like_r4u_s_parser_and_slows_chosen_ones(fake):
+    crash = "Internal error parsing HTTP trace: 'str' object has no attribute 'get'"
+    fake.reject(lambda r: r["metadata"]["trace_id"] == "bad", 500, crash)
+    fake.slow(0.5, lambda r: r["metadata"]["trace_id"] == "slow")
+    with httpx.Client(base_url=fake.url, trust_env=False, timeout=5) as client:
+        answer = client.post("/v1/http-traces", json=make("bad"))
+        assert answer.status_code == 500 and answer.json() == {"detail": crash}
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/http-traces", json=make("slow"), timeout=0.1)
+        assert client.post("/v1/http-traces", json=make("fine"), timeout=0.4).status_code == 201  # others at once
+        assert client.get("/health", timeout=0.4).status_code == 200
+        assert client.post("/v1/http-traces", json=make("slow")).status_code == 201  # answered late
+    assert [_["metadata"]["trace_id"] for _ in fake.received] == ["fine", "slow"]
+
+
 def test_fake_runs_as_a_program_and_prints_each_record():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.r4u", "--port", str(port)], cwd=ROOT,

@@ -13,7 +13,9 @@ def test_default_hosts():
     assert rules.match("myres.openai.azure.com", 443) == "azure_openai"
     assert rules.match("eastus.myres.openai.azure.com") == "azure_openai"
     assert rules.match("openai.azure.com", 443) is None
-    assert rules.match("api.anthropic.com", 443) is None
+    assert rules.match("api.anthropic.com", 443) == "anthropic"
+    assert rules.match("api.anthropic.com", 8443) == "anthropic"
+    assert rules.match("console.anthropic.com", 443) is None
     assert rules.match("example.com", 443) is None
 
 

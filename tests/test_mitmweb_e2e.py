@@ -1,6 +1,8 @@
 """mitmweb, for real, in a real browser: the openai SDK streams a chat through mitmweb with the
 addon; headless Chromium (Playwright) opens mitmweb's UI, opens the flow and its response, and
-must see our event-stream view with the assembled assistant text, the trace id and the timing.
+must see our event-stream view with the assembled assistant text, the trace id and the timing
+(computed by the view from the flow: the same as the record's). A trace R4U refuses says why in
+its flow's comment.
 
 The browser test needs a Chromium binary (Debian: `apt-get install chromium`); it is skipped,
 saying so, without one.
@@ -11,6 +13,7 @@ docs/mitmweb-sse-view.png.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -21,7 +24,7 @@ import openai
 import pytest
 
 from r4u_mitm.proxy.contentview import NAME
-from tests.conftest import SECRET, headers, stream_bytes, traces_for
+from tests.conftest import SECRET, assert_no_secret, headers, stream_bytes, traces_for
 from tests.harness import ROOT, Mitmdump, free_port
 from tests.test_tracer_e2e import CHAT, chat_text
 
@@ -97,14 +100,53 @@ def test_a_cut_stream_shows_what_arrived(mitmweb, r4u, tag, monkeypatch):
     assert "Salut" in result and "finish_reason: -" in result
 
 
+def test_a_dead_lettered_trace_says_why_in_its_comment(mitmweb, r4u, tag, monkeypatch):
+    """R4U refuses the record (422): the flow is marked and its comment gives the reason, short,
+    as the dead-letter table keeps it (never R4U's answer, which echoes the record)."""
+    import httpx
+
+    refused: list[str] = []
+
+    def ours(record: dict) -> bool:
+        if record["metadata"].get("properties", {}).get("test") != tag:
+            return False
+        refused.append(record["metadata"]["trace_id"])
+        return True
+
+    r4u.reject(ours)
+    try:
+        assert stream_chat(mitmweb, monkeypatch, tag=tag, stream=STREAM) == chat_text(stream_bytes(STREAM))
+        want = "dead-lettered: HTTP 422: body: Value error, rejected by the fake"
+        deadline = time.monotonic() + 20
+        with httpx.Client(base_url=mitmweb.web, headers=mitmweb.web_auth, timeout=10) as web:
+            while True:
+                flows = [f for f in web.get("/flows").json() if refused and f["comment"].startswith(
+                    f"r4u {refused[0][:8]} · ")]
+                if flows and flows[0]["comment"].endswith(want) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+    finally:
+        r4u.clear_faults()
+    assert len(flows) == 1, f"R4U refused {refused}; no flow of it says so within 20 s"
+    (flow,) = flows
+    assert flow["comment"] == f"r4u {refused[0][:8]} · {want}" and flow["marked"]
+    assert_no_secret(flow["comment"])
+
+
+def shown_ms(timing: str, label: str) -> float:
+    """A time the view shows, in ms (it rounds: to the ms from 10 ms up, else to 0.1 ms)."""
+    return float(re.search(rf"^{label} \(.*\): ([\d.]+) ms$", timing, re.MULTILINE).group(1))
+
+
 @needs_chromium
 def test_mitmweb_shows_the_assembled_stream(mitmweb, r4u, tag, monkeypatch, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     text = stream_chat(mitmweb, monkeypatch, tag=tag, stream=STREAM, delay_ms=5)
     assert text == chat_text(stream_bytes(STREAM)) and text
-    (trace,) = traces_for(r4u, tag)  # delivered: the deliverer has parsed it and tells the proxy (ttft)
-    trace_id = trace["metadata"]["trace_id"]
+    (trace,) = traces_for(r4u, tag)
+    meta = trace["metadata"]
+    trace_id = meta["trace_id"]
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -130,9 +172,13 @@ def test_mitmweb_shows_the_assembled_stream(mitmweb, r4u, tag, monkeypatch, tmp_
             assert lines[1] == f"r4u trace {trace_id}"
             result = shown[shown.index("Assembled result"):shown.index("─── Wire timing")]
             assert f"    {text}" in result.split("\n") and "finish reason: stop" in result
+            # The view's timing, computed from the flow when it is opened, is the record's: the
+            # same instants (mitmproxy's timestamps, the teed pieces' arrival), rounded.
             timing = shown[shown.index("─── Wire timing"):shown.index("─── Events")]
-            assert "time to first token (first output event): " in timing
-            assert f"{trace['metadata']['events']} events" in timing
+            ttfb, ttft = shown_ms(timing, "time to first byte"), shown_ms(timing, "time to first token")
+            assert abs(ttfb - meta["ttfb_ms"]) <= 1 and abs(ttft - meta["ttft_ms"]) <= 1, (timing, meta)
+            assert ttfb <= ttft <= shown_ms(timing, "duration")
+            assert f"{meta['events']} events · {meta['response_bytes']} bytes on the wire" in timing
             assert "─── Events (10) ───" in shown and "#10 message: [DONE]" in shown
 
             page.evaluate("document.querySelector('.contentview').scrollIntoView({block: 'start'})")

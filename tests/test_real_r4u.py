@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import openai
 import pytest
 
+from r4u_mitm.spool import read_dead_letters
 from tests.conftest import SECRET, assert_no_secret, headers
 from tests.harness import Mitmdump, wait_for
 from tests.real_r4u import ENV, RealR4U
@@ -151,3 +153,38 @@ def test_embeddings_single_input(client, real_r4u, tag):
     assert trace["model"] == "text-embedding-3-small" and trace["output"] == []
     assert [(i["data"]["role"], i["data"]["content"]) for i in trace["input"]] == [("user", "a lighthouse")]
     assert raw["metadata"]["url"] == "https://api.openai.com/v1/embeddings"
+
+
+ACCESS = re.compile(r'"([A-Z]+) (\S+) HTTP/[\d.]+" (\d{3})')  # uvicorn's access log lines
+
+
+def requests_since(backend: RealR4U, offset: int) -> list[tuple[str, str, int]]:
+    """(method, path, status) of each request R4U answered since its log had `offset` bytes."""
+    with open(backend.log_path, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    return [(m[1], m[2], int(m[3])) for m in ACCESS.finditer(text)]
+
+
+def test_embeddings_list_input_is_posted_max_attempts_times_then_dead_lettered(tmp_path, upstream, real_r4u,
+                                                                                monkeypatch, tag):
+    """R4U's parser crashes on embeddings with a list input (500, every time), after storing a raw
+    row: the record is posted r4u_max_attempts times, no more, then dead-lettered with R4U's
+    detail. Meanwhile R4U sees nothing but posts of traces and the deliverers' GET /health."""
+    since = real_r4u.log_path.stat().st_size
+    with Mitmdump(tmp_path, r4u_url=real_r4u.url, upstream_port=upstream.port,
+                  options={"r4u_max_attempts": 2}) as proxy:
+        for key, value in proxy.client_env().items():
+            monkeypatch.setenv(key, value)
+        answer = openai.OpenAI(api_key=SECRET, max_retries=0).embeddings.create(
+            model="text-embedding-3-small", input=["a lighthouse", "a harbour"], extra_headers=headers(tag))
+        assert len(answer.data) == 2  # the app got its answer, whatever R4U makes of the trace
+        (dead,) = wait_for(lambda: read_dead_letters(proxy.outbox), 90, "the trace dead-lettered")
+    assert dead["status"] == 500 and dead["attempts"] == 2
+    assert dead["reason"] == "HTTP 500: Internal error parsing HTTP trace: 'str' object has no attribute 'get'"
+    rows = [r for r in real_r4u.raw_rows() if r["metadata"]["trace_id"] == dead["trace_id"]]
+    assert len(rows) == 2 and rows[0]["metadata"]["properties"]["test"] == tag  # a raw row per post
+    assert_no_secret(rows)
+    seen = requests_since(real_r4u, since)
+    assert seen.count(("POST", "/v1/http-traces", 500)) == 2
+    assert {(method, path) for method, path, _ in seen} <= {("POST", "/v1/http-traces"), ("GET", "/health")}, seen

@@ -33,7 +33,7 @@ def test_scripts_run_starts_the_proxy_with_the_addon(tmp_path):
         deadline, out = time.monotonic() + 120, ""
         while "r4u-mitm loaded" not in out and time.monotonic() < deadline and proc.poll() is None:
             out += proc.stdout.readline()
-        assert "r4u-mitm loaded: tracing api.openai.com, *.openai.azure.com -> http://127.0.0.1:9" in out, out
+        assert "r4u-mitm loaded: tracing api.openai.com, *.openai.azure.com, api.anthropic.com -> http://127.0.0.1:9" in out, out
         assert (tmp_path / "mitmproxy-ca-cert.pem").exists()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -15,7 +15,7 @@ import pytest
 from r4u_mitm import spool as spool_module
 from r4u_mitm.delivery.deliver import build
 from r4u_mitm.pure.record import Exchange, build_record
-from r4u_mitm.spool import Spool, SpoolClosed, SpoolError, pack, read_stats, unpack
+from r4u_mitm.spool import Spool, SpoolClosed, SpoolError, pack, read_dead_letters, read_stats, unpack
 
 OPTIONS = {"max_body_bytes": 1 << 20, "redact": []}
 
@@ -61,8 +61,7 @@ def test_an_exchange_comes_back_as_it_went_in_and_builds_the_same_record(path):
     back, options = unpack(row)
     assert back == ex and options == OPTIONS
     assert build_record(back, **options) == build_record(ex, **OPTIONS)
-    body, wire = build(row)
-    assert json.loads(body) == build_record(ex, **OPTIONS) and wire["events"] == 2
+    assert json.loads(build(row)) == build_record(ex, **OPTIONS)
     assert row.response_body == b"".join(ex.pieces)  # one contiguous body, pieces by offsets
 
 
@@ -108,7 +107,7 @@ def test_a_version_1_outbox_is_taken_over_with_its_records(tmp_path):
         stats = box.stats()
         assert (stats["pending"], stats["pending_bytes"], stats["delivered"], stats["dead_letter_kept"]) == (1, 13, 7, 1)
         (row,) = box.claim(10)
-        assert row.trace_id == "old1" and build(row) == (b'{"record": 1}', None)  # posted as it is
+        assert row.trace_id == "old1" and build(row) == b'{"record": 1}'  # posted as it is
         assert box.dead_letters()[0]["raw"].response_body == b'{"record": 2}'
 
 
@@ -232,6 +231,73 @@ def test_wal_and_normal_sync(path):
         db.close()
 
 
+def test_failures_are_counted_apart_from_attempts(path):
+    """R4U failing on a record (`failed`) counts in `failures`, which the deliverer caps; any
+    retry counts in `attempts`."""
+    with Spool(path) as box:
+        put(box, 1)
+        (row,) = box.claim(10)
+        assert (row.attempts, row.failures) == (0, 0)
+        box.settle(retry=[(row.id, 0.0, "no answer within 10s")])
+        (row,) = box.claim(10)
+        box.settle(failed=[(row.id, 0.0, "HTTP 500: Internal error parsing HTTP trace")])
+        (row,) = box.claim(10)
+        assert (row.attempts, row.failures) == (2, 1)
+        box.settle(dead=[(row.id, 500, "HTTP 500: Internal error parsing HTTP trace")])
+        assert box.stats()["retried"] == 2 and box.dead_letters()[0]["attempts"] == 3
+
+
+def test_a_version_2_outbox_gains_the_failure_count(path):
+    with Spool(path) as box:
+        put(box, 1)
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE v2 AS SELECT id, trace_id, created, next_attempt, attempts, last_error, size, head, request_body,
+            response_body, piece_ends, piece_times FROM exchanges;
+        DROP TABLE exchanges;
+        ALTER TABLE v2 RENAME TO exchanges;
+        PRAGMA user_version = 2;
+    """)
+    db.close()
+    with Spool(path) as box:
+        (row,) = box.claim(10)
+        assert row.trace_id == "t1" and row.failures == 0
+        box.settle(failed=[(row.id, 0.0, "HTTP 500")])
+        assert box.claim(10)[0].failures == 1
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+def test_dead_letters_are_grouped_by_reason_read_without_writing_and_requeued(path):
+    with Spool(path) as box:
+        put(box, *range(1, 6))
+        rows = box.claim(10)
+        box.settle(dead=[(rows[0].id, 500, "HTTP 500: Internal error parsing HTTP trace: 'str'"),
+                         (rows[1].id, 422, "HTTP 422: body.started_at: Field required"),
+                         (rows[2].id, 500, "HTTP 500: Internal error parsing HTTP trace: 'str'"),
+                         (rows[3].id, None, "cannot build the record: TypeError: x")])
+    assert read_stats(path)["dead_letter_reasons"] == [
+        {"status": 500, "reason": "HTTP 500: Internal error parsing HTTP trace: 'str'", "count": 2},
+        {"status": None, "reason": "cannot build the record: TypeError: x", "count": 1},
+        {"status": 422, "reason": "HTTP 422: body.started_at: Field required", "count": 1}]
+    before = sorted(os.listdir(path.parent))
+    assert [d["trace_id"] for d in read_dead_letters(path)] == ["t1", "t2", "t3", "t4"]  # oldest first
+    found = read_dead_letters(path, "internal ERROR", bodies=True)  # a part of the reason, any case
+    assert [d["trace_id"] for d in found] == ["t1", "t3"] and unpack(found[0]["raw"])[0] == exchange("t1")
+    assert "raw" not in read_dead_letters(path, "422")[0] and read_dead_letters(path, "nothing like it") == []
+    assert sorted(os.listdir(path.parent)) == before  # read-only
+    with Spool(path) as box:
+        assert box.requeue_dead("parsing") == 2
+        stats = box.stats()
+        assert (stats["pending"], stats["dead_letter_kept"], stats["dead_lettered"]) == (3, 2, 4)
+        again = box.claim(10)
+        assert trace_ids(again) == ["t1", "t3", "t5"]  # due now; t5 was never dead
+        assert again[0].attempts == again[0].failures == 0  # a fresh start
+        assert unpack(again[0])[0] == exchange("t1")
+        assert box.requeue_dead("parsing") == 0
+        assert box.requeue_dead() == 2
+        assert box.stats()["dead_letter_kept"] == 0 and box.stats()["dead_letter_reasons"] == []
+
+
 def test_everything_survives_a_reopen(path):
     with Spool(path) as box:
         put(box, 1, 2, 3, 4)
@@ -352,4 +418,4 @@ def test_a_compressed_body_is_stored_as_it_came(path):
         box.append([pack(ex, OPTIONS)])
         (row,) = box.claim(1)
     assert row.response_body == ex.pieces[0]  # not decoded in the proxy: the deliverer redacts it
-    assert json.loads(build(row)[0])["response"] == '{"api_key":"[REDACTED]"}'
+    assert json.loads(build(row))["response"] == '{"api_key":"[REDACTED]"}'

@@ -6,14 +6,18 @@ same spool waits (standby) until the lock is free. It claims due exchanges, buil
 thread, posts it to `{r4u_url}/v1/http-traces` with one `httpx.AsyncClient` (direct, never
 through a proxy; TLS verified), several in flight, and settles it in the spool: deleted on 2xx,
 tried again later or dead-lettered as `policy` says. R4U unreachable: the whole deliverer backs
-off and probes until R4U answers (one warning when it goes, one line when it is back).
+off and probes (`GET /health`) until R4U answers (one warning when it goes, one line when it is
+back). A post R4U took but did not answer within its deadline (`policy.answer_deadline`: it
+grows with the record's size and retries) is probed after: R4U answering, only that record
+waits for a later try.
 
 Started by the addon with `--parent`: stdin is the proxy's lifeline (EOF: the proxy is gone,
 however it ended), stdout carries newline-delimited JSON to the proxy: `{"log": level, "msg":
 text}` and, with `--outcomes` (mitmweb, the console: someone sees the flow comments),
-`{"trace": id, "outcome": ..., "wire": {...}}`. When the proxy is gone (or on SIGTERM/SIGINT
-when standalone) it goes on delivering for up to `--drain-seconds`, lets the posts in flight
-finish (no re-send), and exits; what is left waits for the next start.
+`{"trace": id, "outcome": ...}` (a dead letter's with its `"reason"`), nothing else per trace.
+When the proxy is gone (or on SIGTERM/SIGINT when standalone) it goes on delivering for up to
+`--drain-seconds`, lets the posts in flight finish (no re-send), and exits; what is left waits
+for the next start.
 
 Nothing is ever logged of a record's body or of the API key.
 """
@@ -57,13 +61,12 @@ def encode(rec: dict) -> bytes:
     return encode_record(rec)
 
 
-def build(row: Row) -> tuple[bytes, dict | None]:
-    """(the JSON body to post, what mitmweb shows of it) for a claimed exchange."""
+def build(row: Row) -> bytes:
+    """The JSON body to post for a claimed exchange."""
     exchange, options = unpack(row)
     if exchange is None:  # a finished record from a version 1 outbox
-        return row.response_body, None
-    rec = record.build_record(exchange, **options)
-    return encode(rec), {key: rec["metadata"].get(key) for key in record.WIRE_FIELDS}
+        return row.response_body
+    return encode(record.build_record(exchange, **options))
 
 
 class _Signal:
@@ -138,7 +141,7 @@ class Worker:
         self.kick = _Signal()
         self.posted = asyncio.Event()
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=BATCH)
-        self.results: tuple[list, list, list] = ([], [], [])
+        self.results: tuple[list, list, list, list] = ([], [], [], [])  # Spool.settle's, in its order
         self.results_ready = asyncio.Event()
         self.in_flight = 0
         self.pause_until = 0.0
@@ -161,15 +164,20 @@ class Worker:
 
         self.httpx = httpx
         # Direct connections only (never through the proxy, or any proxy, by env); no redirects.
+        # One connection more than posts in flight: the probe's. A post gets its own deadline.
         self.client = httpx.AsyncClient(
-            headers=headers, timeout=opts.timeout, verify=endpoint.ssl_context(opts.ca_file), trust_env=False,
-            follow_redirects=False,
-            limits=httpx.Limits(max_connections=opts.in_flight, max_keepalive_connections=opts.in_flight))
-        # A post's URL, headers and timeouts, merged once: `client.post` merges them again for
-        # every record (a tenth of the deliverer's CPU). R4U sets no cookies to send back.
+            headers=headers, timeout=self._timeout(opts.timeout), verify=endpoint.ssl_context(opts.ca_file),
+            trust_env=False, follow_redirects=False,
+            limits=httpx.Limits(max_connections=opts.in_flight + 1, max_keepalive_connections=opts.in_flight + 1))
+        # A post's URL and headers, merged once: `client.post` merges them again for every
+        # record (a tenth of the deliverer's CPU). R4U sets no cookies to send back.
         template = self.client.build_request("POST", self.post_url, headers=JSON_BODY)
         del template.headers["Content-Length"]  # each record's own, from its body
         self.post_template = template
+
+    def _timeout(self, answer: float):
+        """Connecting: `--connect-timeout`; sending and answering: `answer` seconds (each)."""
+        return self.httpx.Timeout(answer, connect=self.opts.connect_timeout, pool=None)
 
     async def _db(self, fn, *args):
         return await self.loop.run_in_executor(self.db, fn, *args)
@@ -324,7 +332,7 @@ class Worker:
         try:
             response = await self.client.get(self.probe_url)
         except (self.httpx.TransportError, OSError, ssl.SSLError) as exc:
-            return self._describe(exc)
+            return self._describe(exc, self.opts.timeout)
         if response.status_code in policy.NOT_THE_RECORD:
             self._misconfigured(response.status_code, policy.rejection_reason(
                 response.status_code, response.reason_phrase, response.content))
@@ -341,9 +349,9 @@ class Worker:
     async def _post(self, row: Row) -> None:
         try:
             if len(row.response_body) + len(row.request_body) <= INLINE_BUILD:
-                body, wire = build(row)  # a handoff to the thread costs more, in GIL switches, than this
+                body = build(row)  # a handoff to the thread costs more, in GIL switches, than this
             else:
-                body, wire = await self.loop.run_in_executor(self.builder, build, row)
+                body = await self.loop.run_in_executor(self.builder, build, row)
         except Exception as exc:  # noqa: BLE001 - kept raw in the dead-letter table: a later version can rebuild it
             reason = f"cannot build the record: {policy.describe(exc)}"
             self.record_errors += 1
@@ -353,31 +361,41 @@ class Worker:
                 log.error("r4u-mitm: error building a trace record (trace %s) (%d so far; kept raw in the "
                           "dead-letter table of %s): %s", row.trace_id, n, self.spool.path, policy.describe(exc))
             self._add(2, (row.id, None, reason))
-            self._tell(row.trace_id, "dead-lettered", None)
+            self._tell(row.trace_id, "dead-lettered", reason)
             return
+        deadline = policy.answer_deadline(len(body), row.attempts, self.opts.timeout)
         self.in_flight += 1
         try:
             post = self.post_template
             response = await self.client.send(self.httpx.Request(
-                "POST", post.url, headers=post.headers, content=body, extensions=post.extensions))
+                "POST", post.url, headers=post.headers, content=body,
+                extensions={"timeout": self._timeout(deadline).as_dict()}))
         except (self.httpx.TransportError, OSError, ssl.SSLError) as exc:
-            error = self._describe(exc)
+            error = self._describe(exc, deadline)
+            if await self._late_answer_alone(exc):  # a big record, a slow link or parse: a longer deadline later
+                delay = policy.backoff(row.attempts + 1, random.random(), self.opts.retry_base, self.opts.retry_cap)
+                self.last_error = error
+                self._dirty()
+                self._add(1, (row.id, time.time() + delay, error))
+                self._tell(row.trace_id, f"retrying ({error})")
+                return
             self._add(1, (row.id, time.time(), error))  # due again as soon as R4U answers
             self._unreachable(error)
             self._pause(None)
-            self._tell(row.trace_id, "waiting for R4U", wire)
+            self._tell(row.trace_id, "waiting for R4U")
             return
         finally:
             self.in_flight -= 1
             self.posted.set()
         status = response.status_code
-        decision = policy.decide(status, row.attempts, response.headers.get("retry-after"), now=time.time(),
-                                 draw=random.random(), base=self.opts.retry_base, cap=self.opts.retry_cap)
+        decision = policy.decide(status, row.attempts, row.failures, response.headers.get("retry-after"),
+                                 max_attempts=self.opts.max_attempts, now=time.time(), draw=random.random(),
+                                 base=self.opts.retry_base, cap=self.opts.retry_cap)
         self._answered()
         if decision.action == "delivered":
             self.failures = 0
             self._add(0, row.id)
-            self._tell(row.trace_id, "delivered", wire)
+            self._tell(row.trace_id, "delivered")
             return
         reason = policy.rejection_reason(status, response.reason_phrase, response.content)
         self.last_error = reason
@@ -385,25 +403,39 @@ class Worker:
         if decision.action == "retry":
             if decision.misconfigured:
                 self._misconfigured(status, reason)
-            self._add(1, (row.id, time.time() + decision.delay, reason))
+            self._add(3 if decision.failed else 1, (row.id, time.time() + decision.delay, reason))
             self._pause(decision.pause)
-            self._tell(row.trace_id, f"retrying ({reason})", wire)
+            self._tell(row.trace_id, f"retrying ({reason})")
             return
         self._add(2, (row.id, status, reason))
         self.poisoned += 1
         if self.poisoned <= 10 or self.poisoned % 100 == 0:
-            log.warning("r4u-mitm: R4U refused trace %s (%s); it was moved to the dead-letter table of %s "
-                        "(%d so far this run)", row.trace_id, reason, self.spool.path, self.poisoned)
-        self._tell(row.trace_id, "dead-lettered", wire)
+            what = f"failed {row.failures + 1} times on" if status >= 500 else "refused"
+            log.warning("r4u-mitm: R4U %s trace %s (%s); it was moved to the dead-letter table of %s "
+                        "(%d so far this run)", what, row.trace_id, reason, self.spool.path, self.poisoned)
+        self._tell(row.trace_id, "dead-lettered", reason)
 
-    def _describe(self, exc: BaseException) -> str:
+    async def _late_answer_alone(self, exc: BaseException) -> bool:
+        """A post failed without an answer: was it that record's alone? Yes when R4U took it
+        but did not answer within its deadline and answers its probe now; no when R4U could not
+        be reached, or does not answer the probe either (then it is taken for down)."""
+        if not isinstance(exc, self.httpx.TimeoutException) or isinstance(exc, self.httpx.ConnectTimeout):
+            return False
+        async with self.probe_lock:  # posts that timed out together: one probe at a time
+            return self.reachable is not False and await self._probe() is None
+
+    def _describe(self, exc: BaseException, deadline: float) -> str:
+        if isinstance(exc, self.httpx.ConnectTimeout):
+            return f"no connection within {self.opts.connect_timeout:g}s (ConnectTimeout)"
         if isinstance(exc, self.httpx.TimeoutException):
-            return f"no answer within {self.opts.timeout:g}s ({type(exc).__name__})"
+            return f"no answer within {round(deadline, 1):g}s ({type(exc).__name__})"
         return policy.describe(exc)
 
-    def _tell(self, trace_id: str, outcome: str, wire: dict | None) -> None:
+    def _tell(self, trace_id: str, outcome: str, reason: str | None = None) -> None:
+        """What became of a trace, for its flow's comment in mitmweb; a dead letter says why
+        (the reason its table keeps: short, never R4U's whole answer)."""
         if self.opts.outcomes:
-            self.channel.send({"trace": trace_id, "outcome": outcome, "wire": wire})
+            self.channel.send({"trace": trace_id, "outcome": outcome} | ({"reason": reason} if reason else {}))
 
     # Outcomes -------------------------------------------------------------------------------------
 
@@ -425,14 +457,14 @@ class Worker:
                 self.wake.fire()  # exchanges to try again are claimable once settled
 
     async def _commit(self) -> bool:
-        batch, self.results = self.results, ([], [], [])
+        batch, self.results = self.results, ([], [], [], [])
         if any(batch):
             try:
                 await self._db(self.spool.settle, *batch)
             except Exception as exc:  # noqa: BLE001 - the exchanges stay pending: sent again later
                 self._internal_error("writing delivery outcomes to the outbox", exc)
         await self._save_state()
-        return bool(batch[1])
+        return bool(batch[1] or batch[3])
 
     async def _save_state(self, running: bool = True) -> None:
         if not self.state_dirty:
@@ -556,7 +588,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-records", type=int, default=DEFAULT_MAX_RECORDS)
     p.add_argument("--max-mb", type=int, default=DEFAULT_MAX_BYTES // (1024 * 1024))
     p.add_argument("--in-flight", type=int, default=8, help="posts in flight at most (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds R4U has to take a record and answer: this, plus 1 s per MB of the record, "
+                        "doubled on each retry of it, 16 times at most (default: %(default)s)")
+    p.add_argument("--connect-timeout", type=float, default=5.0,
+                   help="seconds to connect to R4U (default: %(default)s)")
+    p.add_argument("--max-attempts", type=int, default=5,
+                   help="posts of a record R4U answers with a failure (a 500: its parser crashed) before it is "
+                        "dead-lettered (default: %(default)s); outages are waited out without a cap")
     p.add_argument("--retry-base", type=float, default=0.5, help=argparse.SUPPRESS)
     p.add_argument("--retry-cap", type=float, default=60.0, help=argparse.SUPPRESS)
     p.add_argument("--parent", action="store_true",
@@ -569,7 +608,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from r4u_mitm.cli import DEFAULT_OUTBOX
 
-    opts = parser().parse_args(argv)
+    args = parser()
+    opts = args.parse_args(argv)
+    if opts.max_attempts < 1:
+        args.error(f"--max-attempts must be 1 or more, not {opts.max_attempts}")
     opts.outbox = opts.outbox or [os.environ.get("R4U_OUTBOX") or str(DEFAULT_OUTBOX)]
     try:
         endpoint.check_api_url(opts.r4u_url.strip())

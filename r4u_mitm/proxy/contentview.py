@@ -8,9 +8,11 @@ it renders is bounded: it reads at most ``PARSE_LIMIT`` bytes of a body, lists a
 
 The dialect (Chat Completions, legacy Completions, Responses, Anthropic Messages) comes from the
 flow's request path and provider when the view is given a flow; otherwise, or when the path says
-nothing, it is sniffed from the events. The wire timing comes from ``flow.metadata["r4u.wire"]``,
-which the addon fills (see ``addon.R4UTracer._annotate``); a flow without it (not traced, or read
-from a file saved without the addon) shows the timing of mitmproxy's own timestamps.
+nothing, it is sniffed from the events. The wire timing is computed here too, from the flow:
+mitmproxy's timestamps (request start, response headers, last byte or error) and, for the first
+output event, the arrival time of each piece the addon teed (``PIECES_KEY``, which the addon
+leaves on flows someone will look at, see ``addon.R4UTracer._restore_body``). A flow without
+them (not traced, or saved without the addon) shows no time to first token.
 """
 
 from __future__ import annotations
@@ -23,14 +25,20 @@ from typing import Any
 from mitmproxy import contentviews
 
 from r4u_mitm.pure import assembly, dialects, hosts
-from r4u_mitm.pure.encoding import decode_body
+from r4u_mitm.pure.encoding import BodyDecoder, decode_body
 from r4u_mitm.pure.sse import Event, SSEDecoder
 
 __all__ = ["EventStreamView", "VIEW", "register", "render", "sniff_dialect"]
 
 NAME = "LLM Event Stream"  # the name in mitmweb's view menu; mitmweb's routes allow no parentheses
-WIRE_KEY = "r4u.wire"
+# What the addon leaves in flow.metadata for this view (saved with the flow by mitmproxy).
 TRACE_KEY = "r4u.trace_id"
+PROVIDER_KEY = "r4u.provider"  # the provider of the host rule that matched
+TRUNCATED_KEY = "r4u.truncated"  # True: the trace R4U gets holds only the first part of a body
+# {"times": [monotonic s], "sizes": [bytes], "clock": wall - monotonic, "started": the request's
+# timestamp_start}: each teed piece of the response body, as it arrived (the times are the tap's
+# own list, not a copy); "started" ties them to this exchange (a replayed flow is another one)
+PIECES_KEY = "r4u.pieces"
 
 PARSE_LIMIT = 8 * 1024 * 1024  # bytes of a body read at most (~0.2 s of parsing, on mitmweb's loop)
 MAX_EVENTS = 100  # events listed one by one
@@ -126,8 +134,6 @@ def _render(data: bytes, metadata: Any, out: list[str]) -> None:
     method = _text_attr(request, "method")
     fmeta = getattr(flow, "metadata", None)
     fmeta = fmeta if isinstance(fmeta, dict) else {}
-    wire = fmeta.get(WIRE_KEY)
-    wire = wire if isinstance(wire, dict) else {}
 
     notes: list[str] = []
     data = _maybe_decode(data, metadata, notes)
@@ -142,7 +148,7 @@ def _render(data: bytes, metadata: Any, out: list[str]) -> None:
     if decoder.pending:
         notes.append("the body ends inside an event (not complete, so not shown)")
 
-    provider = _provider(wire, request)
+    provider = _provider(fmeta, request)
     dialect, how = _dialect(provider, path, events)
     result = assembly.assemble(provider or "", _path_for(dialect), events) if dialect else None
 
@@ -166,7 +172,7 @@ def _render(data: bytes, metadata: Any, out: list[str]) -> None:
         out.append("")
 
     # Wire timing
-    timing = _section_lines(_timing_lines, wire, flow)
+    timing = _section_lines(_timing_lines, flow, metadata, fmeta, provider, dialect, len(events))
     if timing:
         out.append(f"{_RULE} Wire timing {_RULE}")
         out.extend(timing)
@@ -218,8 +224,8 @@ def _maybe_decode(data: bytes, metadata: Any, notes: list[str]) -> bytes:
     return decoded if decoded or not error else data
 
 
-def _provider(wire: dict, request: Any) -> str | None:
-    provider = wire.get("provider")
+def _provider(fmeta: dict, request: Any) -> str | None:
+    provider = fmeta.get(PROVIDER_KEY)
     if isinstance(provider, str) and provider in hosts.PROVIDERS:
         return provider
     host = (_text_attr(request, "pretty_host") or _text_attr(request, "host")).lower().rstrip(".")
@@ -470,42 +476,77 @@ def _anthropic(result: dict, lines: list[str]) -> None:
 # -- wire timing -------------------------------------------------------------------------------
 
 
-def _timing_lines(wire: dict, flow: Any) -> list[str]:
+def _timing_lines(flow: Any, metadata: Any, fmeta: dict, provider: str | None, dialect: str | None,
+                  n_events: int) -> list[str]:
+    """The flow's timing as mitmproxy stamped it, the first output event's as the teed pieces
+    arrived (what the record says, measured the same way), the events and the body's bytes."""
     lines = []
-    labels = (
-        ("ttfb_ms", "time to first byte (response headers)"),
-        ("ttft_ms", "time to first token (first output event)"),
-        ("duration_ms", "duration (request start to last byte)"),
-    )
-    if wire:
-        for key, label in labels:
-            value = wire.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                lines.append(f"{label}: {_msf(value)}")
-        counts = [f"{wire[k]} {label}" for k, label in (("events", "events"), ("response_bytes", "bytes on the wire"))
-                  if isinstance(wire.get(k), int) and not isinstance(wire.get(k), bool)]
-        if counts:
-            lines.append(" · ".join(counts))
-        if wire.get("truncated"):
-            lines.append("the trace is truncated (r4u_max_body_bytes): R4U got only the first part")
-        if lines:
-            lines.append("(measured by the proxy; request start = 0)")
-        return lines
-    # No addon data: what mitmproxy's own timestamps say.
     request, response = getattr(flow, "request", None), getattr(flow, "response", None)
     start = _num(getattr(request, "timestamp_start", None))
-    if start is None:
-        return []
-    headers_at = _num(getattr(response, "timestamp_start", None))
-    error = getattr(flow, "error", None)
-    end = _num(getattr(error, "timestamp", None)) if error else _num(getattr(response, "timestamp_end", None))
-    if headers_at is not None:
-        lines.append(f"{labels[0][1]}: {_msf((headers_at - start) * 1000)}")
-    if end is not None:
-        lines.append(f"{labels[2][1]}: {_msf((end - start) * 1000)}")
-    if lines:
-        lines.append("(from mitmproxy's timestamps; no r4u timing on this flow)")
+    raw = _raw_body(flow, metadata)
+    if start is not None:
+        headers_at = _num(getattr(response, "timestamp_start", None))
+        error = getattr(flow, "error", None)
+        end = _num(getattr(error, "timestamp", None)) if error else _num(getattr(response, "timestamp_end", None))
+        if headers_at is not None:
+            lines.append(f"time to first byte (response headers): {_msf((headers_at - start) * 1000)}")
+        if dialect is not None:
+            lines.append(f"time to first token (first output event): "
+                         f"{_first_output(raw, metadata, fmeta, provider, dialect, start, end)}")
+        if end is not None:
+            lines.append(f"duration (request start to last byte): {_msf((end - start) * 1000)}")
+    counts = [f"{n_events} event{'' if n_events == 1 else 's'}"]
+    if raw is not None:
+        counts.append(f"{len(raw)} bytes on the wire")
+    lines.append(" · ".join(counts))
+    if fmeta.get(TRUNCATED_KEY) is True:
+        lines.append("the trace is truncated (r4u_max_body_bytes or r4u_memory_mb): R4U got only the first part")
+    if start is not None:
+        lines.append("(request start = 0" + ("; first token: when the piece that completed it arrived)"
+                                             if dialect is not None else ")"))
     return lines
+
+
+def _raw_body(flow: Any, metadata: Any) -> bytes | None:
+    """The response body as it came (before any Content-Encoding was undone)."""
+    message = getattr(metadata, "http_message", None)
+    if message is None or message is not getattr(flow, "response", None):
+        return None
+    raw = getattr(message, "raw_content", None)
+    return raw if isinstance(raw, bytes) else None
+
+
+def _first_output(raw: bytes | None, metadata: Any, fmeta: dict, provider: str | None, dialect: str,
+                  start: float, end: float | None) -> str:
+    """The time to the first output event: when the teed piece that completed it arrived (the
+    record's ``ttft_ms``), from the pieces' sizes and arrival times the addon left on the flow.
+    Reads pieces only up to that event."""
+    pieces = fmeta.get(PIECES_KEY)
+    try:
+        times, sizes, clock = pieces["times"], pieces["sizes"], float(pieces["clock"])
+        known = (raw is not None and pieces["started"] == start and len(times) == len(sizes)
+                 and all(type(n) is int and n >= 0 for n in sizes) and sum(sizes) == len(raw))
+    except (TypeError, KeyError, ValueError):
+        known = False
+    unknown = "not known (no arrival times of this body's pieces on the flow)"
+    if not known:
+        return unknown
+    headers = getattr(metadata.http_message, "headers", None)
+    body = BodyDecoder(headers.get("content-encoding") if headers is not None else None, PARSE_LIMIT)
+    decoder = SSEDecoder()
+    summary = dialects.stream_summary(provider or "", _path_for(dialect))
+    offset = 0
+    for size, at in zip(sizes, times):
+        piece = raw[offset:offset + size]
+        offset += size
+        if any(summary.add(event) for event in decoder.feed(body.feed(piece))):
+            at = _num(at)
+            return unknown if at is None else _msf((at + clock - start) * 1000)
+        if body.truncated:
+            return f"not in the first {_size(PARSE_LIMIT)} read"
+    if end is not None and any(summary.add(event) for event in decoder.feed(body.finish())):
+        return _msf((end - start) * 1000)  # the decoder's last bytes came with the end of the body
+    return "none (no output event)"
 
 
 # -- events --------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ ANTHROPIC = "anthropic"
 OPENAI_COMPATIBLE = "openai_compatible"
 PROVIDERS = (OPENAI, AZURE_OPENAI, ANTHROPIC, OPENAI_COMPATIBLE)
 
-DEFAULT_HOSTS = ("api.openai.com", "*.openai.azure.com")
+DEFAULT_HOSTS = ("api.openai.com", "*.openai.azure.com", "api.anthropic.com")
 
 
 @dataclass(frozen=True, slots=True)

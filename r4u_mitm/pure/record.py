@@ -26,11 +26,6 @@ GIL_YIELD_EVERY = 64  # pieces parsed between two voluntary releases of the GIL
 log = logging.getLogger("r4u_mitm")
 _parse_failures = itertools.count(1)
 
-# What mitmweb's event-stream view shows of a trace (copied from the metadata; the deliverer
-# sends them to the proxy with each outcome).
-WIRE_FIELDS = ("provider", "ttfb_ms", "ttft_ms", "duration_ms", "events", "response_bytes", "stream_complete",
-               "truncated")
-
 BINARY_TYPES = ("audio/", "image/", "video/", "multipart/", "application/octet-stream",
                 "application/zip", "application/pdf")
 TEXT_TYPES = ("text/", "json", "xml", "event-stream", "x-www-form-urlencoded", "javascript")

@@ -3,11 +3,13 @@
 An asyncio HTTP/1.1 server (keep-alive, Content-Length bodies, hand-written parsing) running on
 its own event loop in a background thread. It validates `POST /v1/http-traces` more strictly
 than R4U does (types, UTC timestamps, completed_at >= started_at) and answers like FastAPI:
-`201` with the stored trace, or `422` with a `detail` list that echoes the input.
+`201` with the stored trace, or `422` with a `detail` list that echoes the input. `GET /health`
+answers `{"status":"ok"}`, as R4U's does; `GET /v1/traces` lists what it got.
 
     fake = FakeR4U().start()            # FakeR4U(tls=(cert, key)) serves https
-    ... fake.url, fake.received, fake.posts, fake.wait_for(n)
-    fake.fail_next(3, 503); fake.hang(2.0); fake.reject(lambda r: ...); fake.clear_faults()
+    ... fake.url, fake.received, fake.posts, fake.seen, fake.wait_for(n)
+    fake.fail_next(3, 503); fake.hang(2.0); fake.slow(1.0, lambda r: ...); fake.clear_faults()
+    fake.reject(lambda r: ...); fake.reject(lambda r: ..., 500, "Internal error parsing HTTP trace: ...")
     fake.stop(); fake.start()          # down, then back on the same port
 
 Manual demos: `python -m tests.fakes.r4u --port 8000` prints one line per record received.
@@ -61,12 +63,15 @@ class FakeR4U:
         self.on_record = on_record       # called (record, id) for each accepted record, in the fake's thread
         self.received: list[dict] = []   # accepted records, in arrival order
         self.posts: list[Post] = []
+        self.seen: list[tuple[str, str]] = []  # (method, target) of every request, in arrival order
         self.requests = 0                # every request, any method
         self._lock = threading.Lock()
         self._fail: list[tuple[int, str | None]] = []
         self._hang_until: float | None = None   # monotonic; inf = until cleared
         self._slow = 0.0
+        self._slow_only: Callable[[dict], bool] | None = None
         self._reject: Callable[[dict], bool] | None = None
+        self._reject_with: tuple[int, str | None] = (422, None)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -147,21 +152,25 @@ class FakeR4U:
         with self._lock:
             self._hang_until = float("inf") if seconds is None else time.monotonic() + seconds
 
-    def slow(self, seconds: float) -> None:
-        """Answer every request `seconds` late (R4U busy but alive)."""
+    def slow(self, seconds: float, only: Callable[[dict], bool] | None = None) -> None:
+        """Answer every request `seconds` late (R4U busy but alive); with `only`, the posts of
+        records matching it (a big record, a slow parse) and nothing else. A client gone by then
+        got no answer: the post is dropped, unstored."""
         with self._lock:
-            self._slow = seconds
+            self._slow, self._slow_only = seconds, only
 
-    def reject(self, predicate: Callable[[dict], bool]) -> None:
-        """Answer 422 (FastAPI-shaped, echoing the input) for valid records matching `predicate`."""
+    def reject(self, predicate: Callable[[dict], bool], status: int = 422, detail: str | None = None) -> None:
+        """Answer 422 (FastAPI-shaped, echoing the input) for valid records matching `predicate`;
+        with another `status`, that status and `{"detail": detail}` (R4U's parser failing on a
+        record: 500, "Internal error parsing HTTP trace: ...")."""
         with self._lock:
-            self._reject = predicate
+            self._reject, self._reject_with = predicate, (status, detail)
 
     def clear_faults(self) -> None:
         with self._lock:
             self._fail.clear()
             self._hang_until = None
-            self._slow = 0.0
+            self._slow, self._slow_only = 0.0, None
             self._reject = None
 
     def reset(self) -> None:
@@ -170,6 +179,7 @@ class FakeR4U:
         with self._lock:
             self.received.clear()
             self.posts.clear()
+            self.seen.clear()
             self.requests = 0
 
     def wait_for(self, n: int, timeout: float = 10.0) -> list[dict]:
@@ -244,10 +254,11 @@ class FakeR4U:
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
                 self.requests += 1
+                self.seen.append((method, target))
                 close = headers.get("connection", "").lower() == "close"
-                if not await self._wait_faults(reader):
+                if not await self._wait_faults(reader, self._delay(method, target, body)):
                     if method == "POST":
-                        self._note_post(method, target, headers, 0, len(body), None)
+                        self._note_post(method, target, headers, 0, len(body), _trace_id(_json_or_none(body)))
                     return  # the client gave up while the request was held
                 try:
                     status, payload, extra = self._handle(method, target, headers, body)
@@ -266,8 +277,22 @@ class FakeR4U:
             except RuntimeError:
                 pass
 
-    async def _wait_faults(self, reader: asyncio.StreamReader) -> bool:
-        """Hold the request while a hang is on, then apply the slowness. False: client is gone."""
+    def _delay(self, method: str, target: str, body: bytes) -> float:
+        """How late to answer this request (`slow`)."""
+        with self._lock:
+            seconds, only = self._slow, self._slow_only
+        if not seconds or only is None:
+            return seconds
+        if method != "POST" or urlsplit(target).path != TRACES_PATH:
+            return 0.0
+        try:
+            record = json.loads(body)
+        except ValueError:
+            return 0.0
+        return seconds if isinstance(record, dict) and only(record) else 0.0
+
+    async def _wait_faults(self, reader: asyncio.StreamReader, delay: float) -> bool:
+        """Hold the request while a hang is on, then wait `delay`. False: client is gone."""
         while True:
             until = self._hang_until
             if until is None or time.monotonic() >= until:
@@ -275,8 +300,8 @@ class FakeR4U:
             if reader.at_eof():
                 return False
             await asyncio.sleep(0.01)
-        if self._slow:
-            await asyncio.sleep(self._slow)
+        if delay:
+            await asyncio.sleep(delay)
             if reader.at_eof():
                 return False
         return True
@@ -308,6 +333,8 @@ class FakeR4U:
             status, payload, extra, trace_id = self._post(url.path, body)
             self._note_post(method, target, headers, status, len(body), trace_id)
             return status, payload, extra
+        if method == "GET" and url.path == "/health":
+            return 200, {"status": "ok"}, None
         if method == "GET" and url.path == "/v1/traces":
             return self._list(url.query)
         if method == "GET" and url.path.startswith("/v1/traces/") and url.path.endswith("/http-trace"):
@@ -325,7 +352,7 @@ class FakeR4U:
             return 404, {"detail": "Not Found"}, None, None
         with self._lock:
             fault = self._fail.pop(0) if self._fail else None
-            reject = self._reject
+            reject, (reject_status, reject_detail) = self._reject, self._reject_with
         try:
             record = json.loads(body)
         except (UnicodeDecodeError, ValueError) as exc:
@@ -344,6 +371,8 @@ class FakeR4U:
             return 422, {"detail": detail}, None, None
         errors = validate(record)
         if not errors and reject is not None and reject(record):
+            if reject_status != 422:
+                return reject_status, {"detail": reject_detail}, None, trace_id
             errors = [{"type": "value_error", "loc": ["body"], "msg": "Value error, rejected by the fake",
                        "input": record, "ctx": {"error": {}}}]
         if errors:
@@ -446,6 +475,13 @@ def _err(kind: str, loc: tuple, msg: str, value: object) -> dict:
     return {"type": kind, "loc": list(loc), "msg": msg, "input": value}
 
 
+def _json_or_none(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
 def _trace_id(record: object) -> str | None:
     meta = record.get("metadata") if isinstance(record, dict) else None
     trace_id = meta.get("trace_id") if isinstance(meta, dict) else None
@@ -482,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fake = FakeR4U(opts.port, on_record=None if opts.quiet else show)
     fake.start()
-    print(f"fake R4U listening on {fake.url} (POST {TRACES_PATH}, GET /v1/traces)", flush=True)
+    print(f"fake R4U listening on {fake.url} (POST {TRACES_PATH}, GET /v1/traces, GET /health)", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
