@@ -170,7 +170,7 @@ class Worker:
             trust_env=False, follow_redirects=False,
             limits=httpx.Limits(max_connections=opts.in_flight + 1, max_keepalive_connections=opts.in_flight + 1))
         # A post's URL and headers, merged once: `client.post` merges them again for every
-        # record (a tenth of the deliverer's CPU). R4U sets no cookies to send back.
+        # record (~50 µs, 5 % of the deliverer's CPU). R4U sets no cookies to send back.
         template = self.client.build_request("POST", self.post_url, headers=JSON_BODY)
         del template.headers["Content-Length"]  # each record's own, from its body
         self.post_template = template
