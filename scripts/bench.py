@@ -31,7 +31,8 @@ connection hangs; a real upstream keeps its address, so this is the faithful set
 Ratios are taken within the run (the machine may be noisy: the report says how much CPU other
 processes used meanwhile); long phases are repeated in a rotated order and medians reported. The
 fakes run as child processes so that their work does not take the measuring client's GIL. With 2+ CPUs each proxy is pinned to one CPU and the client and the fakes
-to another (`--no-pin`: let the scheduler choose). Measurement only: nothing here asserts a time.
+to another (`--no-pin`: let the scheduler choose); a proxy's delivery process shares its proxy's CPU
+(it runs niced), or the client's with `--deliverer-core client`. Measurement only: nothing here asserts a time.
 Traffic stays on 127.0.0.1; every loop is bounded; every child is killed on exit (also Ctrl-C).
 """
 
@@ -677,12 +678,12 @@ class Bench:
                          args=args)
         self.children.proxy(m)
         pin(m.proc.pid, self.pin_proxy)
-        if name != "plain":  # its delivery process runs beside the client and the fakes, as on another core
+        if name != "plain":  # its delivery process: on the proxy's core (it is niced) or beside the client
             deadline = time.monotonic() + 10
             while not descendants(m.proc.pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
             for child in descendants(m.proc.pid):
-                pin(child, self.pin_rest)
+                pin(child, self.pin_proxy if self.args.deliverer_core == "proxy" else self.pin_rest)
         return m
 
     def make_setups(self) -> None:
@@ -1718,6 +1719,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "docs"), help="where benchmarks.md/.png go (default: docs/)")
     ap.add_argument("--no-docs", action="store_true", help="print only; write neither benchmarks.md nor .png")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the proxy and the rest to separate CPUs")
+    ap.add_argument("--deliverer-core", choices=("proxy", "client"), default="proxy",
+                    help="where A and B pin a proxy's delivery process: on the proxy's CPU (default: it runs "
+                         "niced, in the proxy's gaps, so the tracer's whole cost stays on one core) or on the "
+                         "client's and the fakes' CPU")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: c, d")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, outboxes)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
@@ -1740,7 +1745,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = machine()
     meta["command"] = " ".join(["scripts/bench", *map(shlex.quote, argv)])
     bench = Bench(prof, args, children, tmp)
-    meta["pinning"] = ("each proxy on CPU 1, its delivery process, the client and the fakes on CPU 0; in C, "
+    meta["pinning"] = (f"each proxy on CPU 1, its delivery process on CPU {1 if args.deliverer_core == 'proxy' else 0}, "
+                       "the client and the fakes on CPU 0; in C, "
                        "the deliverer on CPU 1 and the fake R4U on CPU 0" if bench.pin_proxy else "none (the scheduler's choice)")
     c = d = None
     load: dict = {}

@@ -15,6 +15,7 @@ import uuid
 import httpx
 import pytest
 
+from r4u_mitm.delivery.deliver import NICENESS
 from r4u_mitm.spool import read_stats
 from tests.conftest import headers
 from tests.harness import ADDON, Mitmdump, wait_for
@@ -152,3 +153,14 @@ def test_a_script_reload_keeps_delivering_and_a_stream_across_it_is_complete(tmp
         make_exchanges(use_proxy(monkeypatch, proxy), tag + "-after", 2)  # delivery goes on
         delivered_once(r4u, tag + "-after", 2, proxy.outbox)
         assert proxy.deliverer_pid() == deliverer  # the same process: not stopped by the reload
+
+
+def test_the_deliverer_runs_at_a_lower_cpu_priority_than_the_proxy(tmp_path, upstream, r4u, monkeypatch, tag):
+    """Records can wait in the spool; the proxy's flows cannot: on a busy machine the scheduler
+    must prefer mitmdump (and the apps) to the delivery process."""
+    with Mitmdump(tmp_path, r4u_url=r4u.url, upstream_port=upstream.port) as proxy:
+        make_exchanges(use_proxy(monkeypatch, proxy), tag, 1)
+        delivered_once(r4u, tag, 1, proxy.outbox)
+        deliverer = wait_for(proxy.deliverer_pid, what="the deliverer's pid")
+        proxy_nice = os.getpriority(os.PRIO_PROCESS, proxy.proc.pid)
+        assert os.getpriority(os.PRIO_PROCESS, deliverer) == min(19, proxy_nice + NICENESS)

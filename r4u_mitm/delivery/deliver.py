@@ -53,6 +53,7 @@ SAFETY_POLL = 5.0        # seconds between two looks at the spool when no wake-u
 STANDBY_POLL = 0.25      # seconds between two tries of a lock another deliverer holds
 COMMIT_GATHER = 0.02     # seconds outcomes pile up before one transaction writes them
 BATCH = 64
+NICENESS = 10           # added to the deliverer's nice value: the proxy's flows come first
 INLINE_BUILD = 64 * 1024  # bytes of bodies up to which a record is built on the loop (well under 1 ms)
 
 
@@ -605,6 +606,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _lower_priority() -> None:
+    """Yield the CPU to the proxy and the apps it serves: their flows cannot wait, records can
+    (they are durable in the spool). On a busy machine the scheduler then runs us in the gaps."""
+    try:
+        os.nice(NICENESS)
+    except (AttributeError, OSError):  # no nice() (Windows), or not allowed: run as we are
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     from r4u_mitm.cli import DEFAULT_OUTBOX
 
@@ -619,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     except endpoint.SetupError as exc:
         print(f"r4u-mitm deliver: --{exc.setting.replace('_', '-').replace('api-url', 'r4u-url')}: {exc}", file=sys.stderr)
         return 2
+    _lower_priority()
     channel = Channel(opts.parent)
     handler = _ChannelHandler(channel) if opts.parent else logging.StreamHandler()
     if not opts.parent:
