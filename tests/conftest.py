@@ -63,10 +63,21 @@ def upstream():
 
 @pytest.fixture(scope="session")
 def r4u():
+    """One fake R4U for the session's proxies (tests tell their traces apart by tag)."""
     from tests.fakes.r4u import FakeR4U
 
     fake = FakeR4U()
     fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fake():
+    """A fake R4U of the test's own, for what counts every request it gets."""
+    from tests.fakes.r4u import FakeR4U
+
+    fake = FakeR4U().start()
     yield fake
     fake.stop()
 

@@ -16,7 +16,6 @@ import pytest
 
 from r4u_mitm.delivery.deliver import build
 from r4u_mitm.spool import Spool, read_dead_letters, read_stats
-from tests.fakes.r4u import FakeR4U
 from tests.test_deliver import BODY_MARK, OPTIONS, Deliverer, exchange, once_each, spool_in, until
 
 CLI = Path(sys.executable).parent / "r4u-mitm"
@@ -41,13 +40,6 @@ def test_help_names_our_commands_first_then_mitmproxy_s_options(args, program):
                     "r4u-mitm dead-letters list|retry|export"):
         assert command in ours
     assert "usage:" not in ours and "--set option[=value]" in theirs  # then mitmproxy's own help
-
-
-@pytest.fixture
-def fake():
-    fake = FakeR4U().start()
-    yield fake
-    fake.stop()
 
 
 @pytest.fixture

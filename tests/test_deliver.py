@@ -122,13 +122,6 @@ def once_each(fake: FakeR4U, expected: list[str]) -> None:
 
 
 @pytest.fixture
-def fake():
-    fake = FakeR4U().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
 def down():
     """A fake R4U that is not listening (yet): its port is reserved for start()."""
     fake = FakeR4U(free_port())
