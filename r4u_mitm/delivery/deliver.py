@@ -457,12 +457,17 @@ class Worker:
             await self.results_ready.wait()
             if self.closing:
                 return
-            if sum(map(len, self.results)) < BATCH and not self.stopping.is_set():
+            if self._more_coming() and sum(map(len, self.results)) < BATCH and not self.stopping.is_set():
                 await asyncio.sleep(COMMIT_GATHER)  # fewer, larger transactions
             self.results_ready.clear()
             retried = await self._commit()
             if retried:
                 self.wake.fire()  # exchanges to try again are claimable once settled
+
+    def _more_coming(self) -> bool:
+        """Posts in flight or queued: outcomes worth waiting for. None: a lone record's is
+        written at once (a timer's wake-up saved, and 20 ms less before its claim is freed)."""
+        return self.in_flight > 0 or not self.queue.empty()
 
     async def _commit(self) -> bool:
         batch, self.results = self.results, ([], [], [], [])
