@@ -51,6 +51,7 @@ USER_AGENT = "r4u-mitm/0.1"
 JSON_BODY = {"Content-Type": "application/json"}
 SAFETY_POLL = 5.0        # seconds between two looks at the spool when no wake-up came
 STANDBY_POLL = 0.25      # seconds between two tries of a lock another deliverer holds
+WAKE_GATHER = 0.005      # seconds from a wake-up to the claim: exchanges that follow are claimed with it
 COMMIT_GATHER = 0.02     # seconds outcomes pile up before one transaction writes them
 BATCH = 64
 NICENESS = 10           # added to the deliverer's nice value: the proxy's flows come first
@@ -274,6 +275,8 @@ class Worker:
                 continue
             timeout = SAFETY_POLL if due is None else min(SAFETY_POLL, max(0.005, due - time.time()))
             await _wait(woken, timeout)
+            if woken.is_set() and not self.stopping.is_set():
+                await asyncio.sleep(WAKE_GATHER)  # exchanges close together: one claim, one commit
 
     def _claim(self) -> tuple[list[Row], float | None]:
         """(Due exchanges, when the next unclaimed one is due) in one trip to the spool's thread.
