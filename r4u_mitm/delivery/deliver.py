@@ -51,7 +51,8 @@ USER_AGENT = "r4u-mitm/0.1"
 JSON_BODY = {"Content-Type": "application/json"}
 SAFETY_POLL = 5.0        # seconds between two looks at the spool when no wake-up came
 STANDBY_POLL = 0.25      # seconds between two tries of a lock another deliverer holds
-WAKE_GATHER = 0.005      # seconds from a wake-up to the claim: exchanges that follow are claimed with it
+WAKE_GATHER = 0.005      # seconds from a wake-up to the claim, in a burst: the exchanges that follow share it
+BURST = 0.015            # seconds between two wake-ups that make a burst (a lone exchange is claimed at once)
 COMMIT_GATHER = 0.02     # seconds outcomes pile up before one transaction writes them
 BATCH = 64
 NICENESS = 10           # added to the deliverer's nice value: the proxy's flows come first
@@ -147,6 +148,7 @@ class Worker:
         self.results_ready = asyncio.Event()
         self.in_flight = 0
         self.pause_until = 0.0
+        self.woke_at = 0.0
         self.failures = 0
         self.probe_lock = asyncio.Lock()
         self.deadline: float | None = None
@@ -276,7 +278,10 @@ class Worker:
             timeout = SAFETY_POLL if due is None else min(SAFETY_POLL, max(0.005, due - time.time()))
             await _wait(woken, timeout)
             if woken.is_set() and not self.stopping.is_set():
-                await asyncio.sleep(WAKE_GATHER)  # exchanges close together: one claim, one commit
+                now = time.monotonic()
+                if now - self.woke_at < BURST:  # exchanges close together: one claim, one commit
+                    await asyncio.sleep(WAKE_GATHER)
+                self.woke_at = now
 
     def _claim(self) -> tuple[list[Row], float | None]:
         """(Due exchanges, when the next unclaimed one is due) in one trip to the spool's thread.
