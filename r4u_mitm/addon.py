@@ -323,15 +323,19 @@ class R4UTracer:
         if trace.tap is not None and trace.tap.error:
             self._count_error("the stream tap", flow.id, trace.tap.error)
         self._annotate(flow, trace)
-        exchange = freeze(flow, trace_id=trace.trace_id, provider=trace.provider, properties=trace.properties,
-                          tap=trace.tap, note=note)
         link = self.link
+        kept = trace.tap.kept_bytes if trace.tap is not None else 0
+        try:
+            exchange = freeze(flow, trace_id=trace.trace_id, provider=trace.provider, properties=trace.properties,
+                              tap=trace.tap, note=note)
+        except Exception:
+            link.budget.released += kept  # never stored: its bytes go back to the other taps' budget
+            raise
         link.traced += 1
         opts = ctx.options
         link.append(exchange, {"max_body_bytes": opts.r4u_max_body_bytes, "redact": list(opts.r4u_redact_headers),
                                "redact_body_keys": list(opts.r4u_redact_body_keys),
-                               "openai_url_alias": opts.r4u_openai_url_alias},
-                           trace.tap.kept_bytes if trace.tap is not None else 0)
+                               "openai_url_alias": opts.r4u_openai_url_alias}, kept)
 
     @guarded
     def _annotate(self, flow: http.HTTPFlow, trace: Trace) -> None:

@@ -54,7 +54,7 @@ RAW = "head, request_body, response_body, piece_ends, piece_times"
 DEAD_COLUMNS = "trace_id, status, reason, failed_at, attempts"
 RECORD_HEAD = b'{"record":true}'  # a finished record (from a version 1 outbox): posted as it is
 
-_SCHEMA = f"""
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS exchanges (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     trace_id      TEXT    NOT NULL,

@@ -106,11 +106,14 @@ def test_a_fault_inside_the_addon_never_reaches_the_flow(tracer, monkeypatch):
 def test_a_fault_while_building_the_record_is_contained(tracer, monkeypatch):
     t, _ = tracer
     monkeypatch.setattr(addon_module, "freeze", lambda *a, **k: 1 / 0)
-    flow = openai_flow()
+    flow = sse_response(openai_flow())
     t.requestheaders(flow)
-    flow.response = tutils.tresp()
+    t.responseheaders(flow)
+    assert flow.response.stream(b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
+    assert t.link.budget.used == 14
     t.response(flow)
     assert t.link.internal_errors == 1 and t.link.writer.records == []
+    assert t.link.budget.used == 0  # a stream never stored gives its bytes back to the other taps
 
 
 @pytest.mark.parametrize("option, value, message", [
