@@ -164,3 +164,7 @@ def test_the_deliverer_runs_at_a_lower_cpu_priority_than_the_proxy(tmp_path, ups
         deliverer = wait_for(proxy.deliverer_pid, what="the deliverer's pid")
         proxy_nice = os.getpriority(os.PRIO_PROCESS, proxy.proc.pid)
         assert os.getpriority(os.PRIO_PROCESS, deliverer) == min(19, proxy_nice + NICENESS)
+        # on Linux it runs only where no proxy thread wants the CPU, all its threads
+        assert os.sched_getscheduler(proxy.proc.pid) == os.SCHED_OTHER
+        threads = os.listdir(f"/proc/{deliverer}/task")
+        assert len(threads) > 1 and {os.sched_getscheduler(int(t)) for t in threads} == {os.SCHED_IDLE}
