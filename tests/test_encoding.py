@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from r4u_mitm.pure.encoding import BodyDecoder, decode_body
+from r4u_mitm.pure.encoding import BodyDecoder, _Zlib, decode_body
 from r4u_mitm.pure.sse import SSEDecoder
 from tests.harness import STREAMS
 
@@ -328,6 +328,52 @@ def test_corrupt_zstd_is_a_prefix():
     out, truncated, error = decode_body("zstd", corrupt("zstd"), 64 * MB)
     assert CORRUPT_BODY.startswith(out) and 0 < len(out) < len(CORRUPT_BODY)
     assert error.startswith("corrupt zstd stream")
+
+
+def _zlib_byte_by_byte(data: bytes, wbits: int) -> bytes:
+    """The oracle: all zlib can decode before the first byte it rejects (one byte per call, so
+    a failing call loses nothing)."""
+    d, out = zlib.decompressobj(wbits), []
+    for i in range(len(data)):
+        try:
+            out.append(d.decompress(data[i:i + 1]))
+        except zlib.error:
+            break
+    return b"".join(out)
+
+
+@settings(max_examples=40, deadline=None)
+@given(size=st.integers(1, 200_000), at=st.floats(0.0, 1.0), codec=st.sampled_from(["gzip", "deflate"]),
+       piece=st.sampled_from([None, 1000, 100_000]))
+def test_zlib_garbage_keeps_all_that_decoded_before_it(size, at, codec, piece):
+    """zlib drops the whole output of a call that meets corrupt input; most LLM answers fit in
+    one call (64 KiB of input): the decoder replays such a call to keep what came before it."""
+    good = CODECS[codec](BODY[:size])
+    data = good[:int(len(good) * at)] + b"\xff\x00 this is not deflate data \x13\x37" * 20
+    expected = _zlib_byte_by_byte(data, 31 if codec == "gzip" else zlib.MAX_WBITS)
+    pieces = [data] if piece is None else [data[i:i + piece] for i in range(0, len(data), piece)]
+    d = BodyDecoder(codec, 64 * MB)
+    out = b"".join(d.feed(p) for p in pieces) + d.finish()
+    if expected:  # (deflate may turn some garbage into output before it notices: the oracle too)
+        assert out == expected
+        assert d.error.startswith((f"corrupt {codec} stream: ", f"truncated {codec} stream"))
+    else:  # nothing decoded: it lied, the raw bytes pass
+        assert out == data and "did not decode" in d.error
+
+
+def test_a_bad_checksum_keeps_the_body_and_the_output_limit_of_each_call():
+    """5 MB of output from one call's input, then a wrong CRC: the replay hands the output out
+    in pulls of at most 64 KiB (the decoder's bound), and the error comes after all of it."""
+    good = gzip.compress(b"x" * (5 * MB), mtime=0)
+    data = good[:-8] + bytes([good[-8] ^ 0xFF]) + good[-7:]
+    out, _, error = decode_body("gzip", data, 64 * MB)
+    assert out == b"x" * (5 * MB) and error == "corrupt gzip stream: Error -3 while decompressing data: incorrect data check"
+    stage, pulls = _Zlib("gzip"), []
+    stage.push(data)
+    with pytest.raises(zlib.error, match="incorrect data check"):
+        while chunk := stage.pull(64 * 1024):
+            pulls.append(chunk)
+    assert b"".join(pulls) == b"x" * (5 * MB) and max(map(len, pulls)) == 64 * 1024
 
 
 @pytest.mark.parametrize("name", ["deflate", "deflate (raw)", "br"])

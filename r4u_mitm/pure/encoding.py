@@ -22,7 +22,9 @@ Bad input, defined:
   ``error = "unsupported content-encoding: X"``.
 * the declared coding fails (error, or the stream ends) before any byte was decoded: it lied;
   the raw bytes seen so far and all later ones pass through, ``error`` says so.
-* corrupt data after some output: output stops, what was decoded is kept, ``error`` set.
+* corrupt data after some output: output stops, what was decoded is kept, ``error`` set. zlib
+  drops a failing call's whole output, so gzip/deflate replay that call to keep every byte
+  decoded before the corrupt one (a small body fails in its first call: it still decodes).
 * stream ends early (``finish()`` before the end of the compressed data) after some output:
   output is kept, ``error = "truncated gzip stream"`` (or deflate/br/zstd).
 * bytes after the end of a deflate/br stream: an error like corrupt data. gzip members and zstd
@@ -115,15 +117,47 @@ class _Zlib(_Stage):
                     return b""
                 if self.name != "gzip":
                     raise _Corrupt(f"data after the end of the {self.name} stream")
-                self._tail = self._d.unused_data
+                self._tail = self._d.unused_data + self._tail
                 self._d = zlib.decompressobj(_GZIP)  # next member
             data = self._tail or self._take()
             if not data:
                 return b""
-            out = self._d.decompress(data, n)
-            self._tail = self._d.unconsumed_tail
+            before = self._d.copy()
+            try:
+                out = self._d.decompress(data, n)
+                self._tail = self._d.unconsumed_tail
+            except zlib.error:
+                out = self._salvage(before, data, n)
             if out:
                 return out
+
+    def _salvage(self, d, data: memoryview | bytes, n: int) -> bytes:
+        """zlib drops a whole call's output when it meets corrupt input (a small body fails in
+        its first call, and would be taken for a lie): replay the call from the state `d`
+        before it, 1 KiB then 1 byte at a time, and keep what decoded before the corrupt byte.
+        The input from there on waits in `_tail`: the next call meets the corruption again,
+        with nothing before it, and raises."""
+        out: list[bytes] = []
+        size = pos = 0
+        step = 1024
+        while pos < len(data) and size < n and not d.eof:
+            piece = data[pos:pos + step]
+            saved = d.copy()
+            try:
+                made = d.decompress(piece, n - size)
+            except zlib.error:
+                if step == 1 and not size:
+                    raise  # nothing decoded before it
+                d = saved
+                if step == 1:
+                    break
+                step = 1
+                continue
+            out.append(made)
+            size += len(made)
+            pos += len(piece) if d.eof else len(piece) - len(d.unconsumed_tail)
+        self._d, self._tail = d, bytes(data[pos:])
+        return b"".join(out)
 
     def done(self) -> bool:
         d = self._d
