@@ -269,9 +269,6 @@ def test_known_streams_through_both_protocols(traced, plain, rand_upstream, stre
     assert trace["metadata"]["stream_complete"] is True and trace["metadata"]["usage"]["total_tokens"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason="flows.py/addon.py: mitmproxy says 'peer closed connection' when an "
-                                       "HTTP/2 client drops its connection mid-stream; the record (who_ended, from "
-                                       "the message alone) blames the upstream")
 def test_an_http2_client_that_hangs_up_mid_stream_is_the_one_blamed(traced, rand_upstream, r4u):
     tag = uuid.uuid4().hex
     with make_client(traced, http2=True) as client, client.stream(

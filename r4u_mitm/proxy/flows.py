@@ -7,11 +7,13 @@ import time
 import uuid
 
 from mitmproxy import http
+from mitmproxy.connection import ConnectionState
 
 from r4u_mitm.proxy.tap import Tap
 from r4u_mitm.pure.record import Exchange
 
 TAG_PREFIX = "x-r4u-"
+H2_PEER_CLOSED = "peer closed connection"
 NOT_STORED = "response body not kept: streamed without the tracer's tap (stream_large_bodies without store_streamed_bodies, or a tracer fault)"
 
 
@@ -41,7 +43,7 @@ def freeze(flow: http.HTTPFlow, *, trace_id: str, provider: str, properties: dic
     def mono(wall: float | None) -> float | None:
         return None if wall is None else now_mono - (now_wall - wall)
 
-    error = flow.error.msg if flow.error else None
+    error = _error_message(flow)
     ended_wall = flow.error.timestamp if flow.error else (resp.timestamp_end if resp else None)
     exchange = Exchange(
         trace_id=trace_id,
@@ -75,6 +77,18 @@ def freeze(flow: http.HTTPFlow, *, trace_id: str, provider: str, properties: dic
         exchange.pieces = [resp.raw_content]
         exchange.wire_bytes = len(resp.raw_content)
     return exchange
+
+
+def _error_message(flow: http.HTTPFlow) -> str | None:
+    """mitmproxy's error message, with who ended the exchange when only the connections say it:
+    its HTTP/2 layers say "peer closed connection" for a client's and for an upstream's alike.
+    At the `error` hook of a live flow, a client that hung up can no longer be read from."""
+    if flow.error is None:
+        return None
+    message = flow.error.msg
+    if message == H2_PEER_CLOSED and flow.live and not flow.client_conn.state & ConnectionState.CAN_READ:
+        return f"client closed its connection ({message})"
+    return message
 
 
 def _pairs(headers) -> list[tuple[str, str]]:
