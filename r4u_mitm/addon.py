@@ -25,7 +25,7 @@ from mitmproxy import command, ctx, exceptions, hooks, http
 
 from r4u_mitm.endpoint import SetupError, check_api_url, safe_url, ssl_context, traces_urls
 from r4u_mitm.proxy import contentview, supervisor
-from r4u_mitm.proxy.flows import Trace, freeze, pop_tags, skip_requested
+from r4u_mitm.proxy.flows import PIECES_KEY, Trace, freeze, pop_tags, skip_requested
 from r4u_mitm.proxy.tap import Tap
 from r4u_mitm.pure import hosts
 from r4u_mitm.spool import Spool, SpoolError, read_stats
@@ -309,7 +309,7 @@ class R4UTracer:
             return
         if flow.response.raw_content is None:
             flow.response.raw_content = b"".join(tap.pieces)
-        flow.metadata[contentview.PIECES_KEY] = {"times": tap.times, "sizes": list(map(len, tap.pieces)),
+        flow.metadata[PIECES_KEY] = {"times": tap.times, "sizes": list(map(len, tap.pieces)),
                                                  "clock": time.time() - time.monotonic(),
                                                  "started": flow.request.timestamp_start}
 

@@ -80,6 +80,9 @@ def test_a_flow_traced_live_keeps_its_trace_id_and_streamed_body(tmp_path, upstr
     assert len(sent) == 2 and sent[1]["metadata"]["trace_id"] == live["metadata"]["trace_id"]
     assert sent[1]["response"] == live["response"] == stream_bytes("openai_chat/basic.sse").decode()
     assert sent[1]["metadata"]["properties"] == {"test": tag}
+    # the addon left its pieces' arrival times on the saved flow: the same time to first token
+    assert live["metadata"]["ttft_ms"] is not None
+    assert abs(sent[1]["metadata"]["ttft_ms"] - live["metadata"]["ttft_ms"]) < 1.0  # two clock readings apart
 
 
 def test_backfill_takes_the_redaction_options_of_the_addon(tmp_path, upstream, r4u, monkeypatch, tag):

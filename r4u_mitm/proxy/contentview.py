@@ -10,7 +10,7 @@ The dialect (Chat Completions, legacy Completions, Responses, Anthropic Messages
 flow's request path and provider when the view is given a flow; otherwise, or when the path says
 nothing, it is sniffed from the events. The wire timing is computed here too, from the flow:
 mitmproxy's timestamps (request start, response headers, last byte or error) and, for the first
-output event, the arrival time of each piece the addon teed (``PIECES_KEY``, which the addon
+output event, the arrival time of each piece the addon teed (``flows.PIECES_KEY``, which the addon
 leaves on flows someone will look at, see ``addon.R4UTracer._restore_body``). A flow without
 them (not traced, or saved without the addon) shows no time to first token.
 """
@@ -24,6 +24,7 @@ from typing import Any
 
 from mitmproxy import contentviews
 
+from r4u_mitm.proxy import flows
 from r4u_mitm.pure import assembly, dialects, hosts
 from r4u_mitm.pure.encoding import BodyDecoder, decode_body
 from r4u_mitm.pure.sse import Event, SSEDecoder
@@ -35,10 +36,6 @@ NAME = "LLM Event Stream"  # the name in mitmweb's view menu; mitmweb's routes a
 TRACE_KEY = "r4u.trace_id"
 PROVIDER_KEY = "r4u.provider"  # the provider of the host rule that matched
 TRUNCATED_KEY = "r4u.truncated"  # True: the trace R4U gets holds only the first part of a body
-# {"times": [monotonic s], "sizes": [bytes], "clock": wall - monotonic, "started": the request's
-# timestamp_start}: each teed piece of the response body, as it arrived (the times are the tap's
-# own list, not a copy); "started" ties them to this exchange (a replayed flow is another one)
-PIECES_KEY = "r4u.pieces"
 
 PARSE_LIMIT = 8 * 1024 * 1024  # bytes of a body read at most (~0.2 s of parsing, on mitmweb's loop)
 MAX_EVENTS = 100  # events listed one by one
@@ -521,27 +518,21 @@ def _first_output(raw: bytes | None, metadata: Any, fmeta: dict, provider: str |
     """The time to the first output event: when the teed piece that completed it arrived (the
     record's ``ttft_ms``), from the pieces' sizes and arrival times the addon left on the flow.
     Reads pieces only up to that event."""
-    pieces = fmeta.get(PIECES_KEY)
-    try:
-        times, sizes, clock = pieces["times"], pieces["sizes"], float(pieces["clock"])
-        known = (raw is not None and pieces["started"] == start and len(times) == len(sizes)
-                 and all(type(n) is int and n >= 0 for n in sizes) and sum(sizes) == len(raw))
-    except (TypeError, KeyError, ValueError):
-        known = False
+    saved = flows.saved_pieces(fmeta, raw, start)
     unknown = "not known (no arrival times of this body's pieces on the flow)"
-    if not known:
+    if saved is None:
         return unknown
+    sizes, walls = saved
     headers = getattr(metadata.http_message, "headers", None)
     body = BodyDecoder(headers.get("content-encoding") if headers is not None else None, PARSE_LIMIT)
     decoder = SSEDecoder()
     summary = dialects.stream_summary(provider or "", _path_for(dialect))
     offset = 0
-    for size, at in zip(sizes, times):
+    for size, at in zip(sizes, walls):
         piece = raw[offset:offset + size]
         offset += size
         if any(summary.add(event) for event in decoder.feed(body.feed(piece))):
-            at = _num(at)
-            return unknown if at is None else _msf((at + clock - start) * 1000)
+            return _msf((at - start) * 1000)
         if body.truncated:
             return f"not in the first {_size(PARSE_LIMIT)} read"
     if end is not None and any(summary.add(event) for event in decoder.feed(body.finish())):

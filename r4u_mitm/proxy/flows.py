@@ -3,6 +3,7 @@ the only module besides the addon that knows mitmproxy's flow objects."""
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 
@@ -14,6 +15,11 @@ from r4u_mitm.pure.record import Exchange
 
 TAG_PREFIX = "x-r4u-"
 H2_PEER_CLOSED = "peer closed connection"
+# {"times": [monotonic s], "sizes": [bytes], "clock": wall - monotonic, "started": the request's
+# timestamp_start}: each teed piece of the response body, as it arrived (the times are the tap's
+# own list, not a copy); "started" ties them to this exchange (a replayed flow is another one).
+# Left on flows someone will look at or save (see the addon's `_restore_body`).
+PIECES_KEY = "r4u.pieces"
 NOT_STORED = "response body not kept: streamed without the tracer's tap (stream_large_bodies without store_streamed_bodies, or a tracer fault)"
 
 
@@ -76,7 +82,28 @@ def freeze(flow: http.HTTPFlow, *, trace_id: str, provider: str, properties: dic
     else:
         exchange.pieces = [resp.raw_content]
         exchange.wire_bytes = len(resp.raw_content)
+        saved = saved_pieces(flow.metadata, resp.raw_content, req.timestamp_start)
+        if saved is not None:  # a flow the addon saved: backfill times its stream as the live trace did
+            sizes, walls = saved
+            ends = list(itertools.accumulate(sizes))
+            exchange.pieces = [resp.raw_content[a:b] for a, b in zip([0, *ends], ends)]
+            exchange.piece_times = [mono(wall) for wall in walls]
     return exchange
+
+
+def saved_pieces(metadata: dict, body: bytes | None, started: float) -> tuple[list[int], list[float]] | None:
+    """The sizes of `body`'s teed pieces and their arrival times (wall clock), as the addon left
+    them on its flow (`PIECES_KEY`, kept in saved flow files), or None when they are not there or
+    not this body's."""
+    pieces = metadata.get(PIECES_KEY)
+    try:
+        times, sizes, clock = pieces["times"], pieces["sizes"], float(pieces["clock"])
+        if (body is not None and pieces["started"] == started and len(times) == len(sizes)
+                and all(type(n) is int and n >= 0 for n in sizes) and sum(sizes) == len(body)):
+            return sizes, [float(at) + clock for at in times]
+    except (TypeError, KeyError, ValueError):
+        pass
+    return None
 
 
 def _error_message(flow: http.HTTPFlow) -> str | None:
