@@ -590,12 +590,24 @@ def _read_only(path: Path, read):
             error = exc
             continue
         try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION and db.execute("SELECT EXISTS (SELECT 1 FROM sqlite_master)").fetchone()[0]:
+                raise RuntimeError(_other_version(path, version))
             return read(db)
         except sqlite3.Error as exc:
             error = exc
         finally:
             db.close()
     raise RuntimeError(f"cannot read the outbox {path}: {error}")
+
+
+def _other_version(path: Path, version: int) -> str:
+    if version == 0:
+        return f"{path} is not an r4u-mitm outbox (a SQLite database of something else)"
+    if version > SCHEMA_VERSION:
+        return f"the outbox {path} was written by a newer r4u-mitm (schema {version})"
+    return (f"the outbox {path} was written by an older r4u-mitm (schema {version}): start the proxy or "
+            f"`r4u-mitm deliver --outbox {path}` once, which takes it over with its records")
 
 
 # Helpers ------------------------------------------------------------------------------------------

@@ -103,12 +103,26 @@ def test_a_version_1_outbox_is_taken_over_with_its_records(tmp_path):
         PRAGMA user_version = 1;
     """)
     db.close()
+    with pytest.raises(RuntimeError, match=r"written by an older r4u-mitm \(schema 1\): start the proxy or "
+                                           r"`r4u-mitm deliver --outbox .*old.sqlite` once"):
+        read_stats(path)  # `r4u-mitm status` reads, creating nothing: it says what to do
     with Spool(path) as box:
         stats = box.stats()
         assert (stats["pending"], stats["pending_bytes"], stats["delivered"], stats["dead_letter_kept"]) == (1, 13, 7, 1)
         (row,) = box.claim(10)
         assert row.trace_id == "old1" and build(row) == b'{"record": 1}'  # posted as it is
         assert box.dead_letters()[0]["raw"].response_body == b'{"record": 2}'
+    assert read_stats(path)["pending"] == 1  # taken over: status reads it
+
+
+def test_status_of_a_database_that_is_no_outbox_or_is_newer(tmp_path):
+    other, newer = tmp_path / "other.sqlite", tmp_path / "newer.sqlite"
+    sqlite3.connect(other).executescript("CREATE TABLE notes (x);")
+    sqlite3.connect(newer).executescript("CREATE TABLE notes (x); PRAGMA user_version = 99;")
+    with pytest.raises(RuntimeError, match="is not an r4u-mitm outbox"):
+        read_stats(other)
+    with pytest.raises(RuntimeError, match=r"written by a newer r4u-mitm \(schema 99\)"):
+        read_stats(newer)
 
 
 def test_claims_oldest_first_and_never_twice_until_settled_or_released(path):
