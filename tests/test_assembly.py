@@ -387,3 +387,28 @@ def test_every_value_of_every_example_replaced_or_removed(name):
                 for ev in events[i + 1 :]:
                     acc._add(ev)
                 json.dumps(acc.result())
+
+
+def test_responses_text_events_append_on_delta_and_replace_on_done():
+    """Each kind of text (output, refusal, reasoning text, reasoning summary) at its own index."""
+    def ev(kind: str, **data) -> Event:
+        return Event(event=kind, data=json.dumps({"type": kind, "item_id": data.pop("item_id", "m"), **data}))
+
+    events = [
+        ev("response.output_item.added", item={"id": "m", "type": "message"}, output_index=0),
+        ev("response.output_text.delta", delta="Hel", content_index=0),
+        ev("response.output_text.delta", delta="lo", content_index=0),
+        ev("response.refusal.delta", delta="can", content_index=1),
+        ev("response.refusal.delta", delta="not", content_index=1),
+        ev("response.refusal.done", refusal="cannot.", content_index=1),
+        ev("response.output_item.added", item={"id": "r", "type": "reasoning"}, output_index=1),
+        ev("response.reasoning_text.delta", item_id="r", delta="think", content_index=0),
+        ev("response.reasoning_text.done", item_id="r", text="thought", content_index=0),
+        ev("response.reasoning_summary_text.delta", item_id="r", delta="sum", summary_index=1),
+        ev("response.reasoning_summary_text.delta", item_id="r", delta=7, summary_index=0),  # not text: ignored
+        ev("response.reasoning_summary_part.done", item_id="r", part={"type": "summary_text", "text": "first"},
+           summary_index=0),
+    ]
+    message, reasoning = assemble("openai", RESPONSES_PATH, events)["output"]
+    assert (message["text"], message["refusal"]) == ("Hello", "cannot.")
+    assert (reasoning["content"], reasoning["summary"]) == (["thought"], ["first", "sum"])

@@ -211,6 +211,16 @@ class _CompletionsAssembly(CompletionsSummary):
         return out
 
 
+# Responses text events: "<prefix>.delta" appends a piece, "<prefix>.done" replaces the pieces
+# with the whole text: (the item's parts it goes to, the event's index field, the done event's field)
+_RESPONSE_TEXTS = {
+    "response.output_text": ("text", "content_index", "text"),
+    "response.refusal": ("refusal", "content_index", "refusal"),
+    "response.reasoning_text": ("reasoning", "content_index", "text"),
+    "response.reasoning_summary_text": ("summary", "summary_index", "text"),
+}
+
+
 class _ResponseItem:
     """One output item of a Responses stream, accumulated from its events."""
 
@@ -352,25 +362,21 @@ class _ResponsesAssembly(ResponsesSummary):
         item = self._item(d, t, nonempty_str(d.get("item_id")))
         if item is None:
             return out
-        ci = _idx(d.get("content_index")) or 0
-        si = _idx(d.get("summary_index")) or 0
         delta = d.get("delta")
-        if t == "response.output_text.delta":
-            if delta.__class__ is str:
-                item.text.setdefault(ci, []).append(delta)
-        elif t == "response.output_text.done":
-            if d.get("text").__class__ is str:
-                item.text[ci] = [d["text"]]
-        elif t == "response.refusal.delta":
-            if delta.__class__ is str:
-                item.refusal.setdefault(ci, []).append(delta)
-        elif t == "response.refusal.done":
-            if d.get("refusal").__class__ is str:
-                item.refusal[ci] = [d["refusal"]]
+        prefix, _, phase = t.rpartition(".")
+        text = _RESPONSE_TEXTS.get(prefix)
+        if text is not None and phase in ("delta", "done"):
+            name, index_field, done_field = text
+            parts, index = getattr(item, name), _idx(d.get(index_field)) or 0
+            if phase == "delta":
+                if delta.__class__ is str:
+                    parts.setdefault(index, []).append(delta)
+            elif d.get(done_field).__class__ is str:
+                parts[index] = [d[done_field]]
         elif t in ("response.content_part.added", "response.content_part.done"):
             part = d.get("part")
             if part.__class__ is dict:
-                item.part(ci, part)
+                item.part(_idx(d.get("content_index")) or 0, part)
         elif t == "response.function_call_arguments.delta":
             if delta.__class__ is str:
                 item.arguments.append(delta)
@@ -378,21 +384,12 @@ class _ResponsesAssembly(ResponsesSummary):
             if d.get("arguments").__class__ is str:
                 item.arguments = [d["arguments"]]
         elif t == "response.reasoning_summary_part.added":
-            item.summary.setdefault(si, [])
-        elif t == "response.reasoning_summary_text.delta":
-            if delta.__class__ is str:
-                item.summary.setdefault(si, []).append(delta)
-        elif t in ("response.reasoning_summary_text.done", "response.reasoning_summary_part.done"):
+            item.summary.setdefault(_idx(d.get("summary_index")) or 0, [])
+        elif t == "response.reasoning_summary_part.done":
             part = d.get("part")
             text = part.get("text") if part.__class__ is dict else d.get("text")
             if text.__class__ is str:
-                item.summary[si] = [text]
-        elif t == "response.reasoning_text.delta":
-            if delta.__class__ is str:
-                item.reasoning.setdefault(ci, []).append(delta)
-        elif t == "response.reasoning_text.done":
-            if d.get("text").__class__ is str:
-                item.reasoning[ci] = [d["text"]]
+                item.summary[_idx(d.get("summary_index")) or 0] = [text]
         return out
 
     def result(self) -> dict:
