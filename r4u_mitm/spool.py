@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from r4u_mitm.pure.record import Exchange
+from r4u_mitm.pure.record import Exchange, Pieces
 from r4u_mitm.pure.redact import body_redactor, redact_pairs, redact_raw, redact_url
 
 __all__ = ["Spool", "SpoolClosed", "SpoolError", "Packed", "pack", "unpack", "read_stats", "read_dead_letters",
@@ -212,7 +212,7 @@ def _identity(headers: list[tuple[str, str]]) -> bool:
 
 def unpack(row: Row | Packed) -> tuple[Exchange | None, dict]:
     """(exchange, build options), or (None, {}) for a finished record (posted as it is: the
-    response_body)."""
+    response_body). The exchange's pieces are the stored body and their ends in it (`Pieces`)."""
     head = json.loads(row.head)
     if head.get("record"):
         return None, {}
@@ -222,11 +222,11 @@ def unpack(row: Row | Packed) -> tuple[Exchange | None, dict]:
     times = array("d")
     times.frombytes(row.piece_times)
     body = row.response_body
-    starts = [0, *ends[:-1]]
-    pieces = [body[a:b] for a, b in zip(starts, ends)] if len(ends) > 1 else ([body] if body else [])
+    if len(ends) <= 1:  # the whole body, or no piece when it is empty
+        ends = array("Q", [len(body)] if body else [])
     head["request_headers"] = [tuple(pair) for pair in head["request_headers"]]
     head["response_headers"] = [tuple(pair) for pair in head["response_headers"]]
-    ex = Exchange(**head, request_body=row.request_body, pieces=pieces, piece_times=list(times))
+    ex = Exchange(**head, request_body=row.request_body, pieces=Pieces(body, ends), piece_times=list(times))
     return ex, options
 
 

@@ -63,6 +63,7 @@ def test_an_exchange_comes_back_as_it_went_in_and_builds_the_same_record(path):
     assert build_record(back, **options) == build_record(ex, **OPTIONS)
     assert json.loads(build(row)) == build_record(ex, **OPTIONS)
     assert row.response_body == b"".join(ex.pieces)  # one contiguous body, pieces by offsets
+    assert back.pieces.body is row.response_body and list(back.pieces) == ex.pieces  # sliced when read, not before
 
 
 def test_no_secret_header_or_query_parameter_is_stored(path):
