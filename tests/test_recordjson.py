@@ -1,5 +1,5 @@
-"""recordjson.encode_record: byte for byte what one json.dumps of the record gives (a Utf8Text as
-its text), built in slices."""
+"""recordjson.encode_record and Streamed: byte for byte what one json.dumps of the record gives (a
+Utf8Text as its text), built in slices."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from r4u_mitm.delivery import deliver
 from r4u_mitm.delivery.deliver import encode
 from r4u_mitm.pure import recordjson
 from r4u_mitm.pure.record import Exchange, build_record
-from r4u_mitm.pure.recordjson import Utf8Text, encode_record
+from r4u_mitm.pure.recordjson import Streamed, Utf8Text, encode_record
 from r4u_mitm.spool import Row, pack
 from tests.harness import STREAMS
 
@@ -120,21 +120,33 @@ SEQUENCES = [b"a", b'"', b"\\", b"\n", b"\r\n", b"\x00", b"\x1f", b"\x7f", "\u00
 bodies = st.lists(st.sampled_from(SEQUENCES), max_size=40).map(b"".join) | st.binary(max_size=60)
 
 
+def check_streamed(record: dict) -> None:
+    """Streamed gives what encode_record gives (its size first), and that is the reference."""
+    expected = reference(record)
+    assert encode_record(record) == expected
+    streamed = Streamed(record)
+    assert len(streamed) == len(expected) and b"".join(streamed) == expected
+    assert b"".join(streamed) == expected  # made again on each iteration (a post tried again)
+
+
 @settings(max_examples=600, deadline=None)
 @given(data=bodies, size=st.integers(1, 9), other=st.sampled_from(["", "é😀", "a lone \ud800"]))
 def test_utf8_text_in_slices_is_its_text(data, size, other):
     record = {"request": Utf8Text(data[::-1]), "response": Utf8Text(data), "metadata": {"note": other}}
     with mock.patch.object(recordjson, "SLICE", size):
-        assert encode_record(record) == reference(record)
+        check_streamed(record)
 
 
 @pytest.mark.parametrize("name", ["openai_chat/basic.sse", "framing/invalid_utf8.sse", "framing/split_utf8.sse"])
 def test_utf8_text_of_real_streams(name):
     data = (STREAMS / name).read_bytes() * 3
     for size in (1, 4, 1000, recordjson.SLICE):
-        record = {"request": "{}", "response": Utf8Text(data), "error": None}
         with mock.patch.object(recordjson, "SLICE", size):
-            assert encode_record(record) == reference(record)
+            check_streamed({"request": "{}", "response": Utf8Text(data), "error": None})
+
+
+def test_a_record_without_big_strings_streams_too():
+    check_streamed({"request": "{}", "response": "data: [DONE]\n\n", "metadata": {"events": 1}})
 
 
 def stored_row(body: bytes) -> Row:
@@ -159,13 +171,16 @@ def peak(fn) -> int:
         tracemalloc.stop()
 
 
-def test_a_big_stored_record_peaks_at_about_its_bytes():
+def test_a_big_stored_record_peaks_at_about_its_body_and_its_bytes():
     """A stored 8 MB stream of emoji and accented text (a str of it: 4 bytes a character) is
     built and encoded with no str of its body: its record's bytes (~1.1 times the body) and the
-    pieces' ends and times at the peak, little more."""
+    pieces' ends and times at the peak, little more. Streamed, not even its bytes."""
     event = 'data: {"choices":[{"delta":{"content":"é😀 北京 \\"ok\\""}}],"model":"m"}\n\n'.encode()
     body = event * (8_000_000 // len(event))
     row = stored_row(body)
     size = len(deliver.build(row))
     assert peak(lambda: deliver.build(row)) < 2.5 * len(body)
     assert size > len(body)
+    assert isinstance(deliver.content(row), Streamed)
+    # the pieces' ends and times, and one slice's texts (up to 4 bytes a character) and bytes
+    assert peak(lambda: sum(map(len, deliver.content(row)))) < 0.15 * len(body) + 16 * recordjson.SLICE

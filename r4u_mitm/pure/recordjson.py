@@ -12,7 +12,8 @@ whole.
 A big body needs no ``str`` at all: ``record.py`` keeps its UTF-8 bytes as a ``Utf8Text``, and
 each slice of them is decoded, escaped and encoded on its own (``SLICE`` bytes, cut before a
 byte that cannot continue a UTF-8 sequence, so that even invalid UTF-8 decodes slice by slice
-to what the whole decodes to).
+to what the whole decodes to). ``Streamed`` goes further: a big record's size is measured first,
+and its bytes are made as they are sent, never all at once.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 SLICE = 256 * 1024  # characters (bytes of a Utf8Text) escaped per call: about a millisecond
+
+# What JSON escaping adds to each byte of valid UTF-8 (``ensure_ascii=False``): one byte for
+# `"`, `\` and the controls with a short escape, five for the other controls (`\u00XX`).
+_EXTRA = bytes(0 if b >= 0x20 and b not in b'"\\' else 1 if b in b'"\\\b\t\n\f\r' else 5 for b in range(256))
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -53,6 +58,34 @@ def encode_record(record: dict) -> bytes:
 def is_big(record: dict) -> bool:
     """Whether the record holds a string encoded in slices (else one ``json.dumps`` does it)."""
     return record.__class__ is dict and any(_big(value) for value in record.values())
+
+
+class Streamed:
+    """A big record's bytes as ``encode_record`` gives them, made slice by slice each time it is
+    iterated (as they are sent): never all in memory. Its size is measured first, without
+    keeping any: from the bytes where a slice is valid UTF-8 (its length plus what escaping
+    adds), else by encoding the slice."""
+
+    __slots__ = ("record", "ascii", "size")
+
+    def __init__(self, record: dict) -> None:
+        self.record = record
+        self.ascii = False
+        try:
+            self.size = sum(map(_size, _layout(record, False)))
+        except UnicodeEncodeError:
+            self.ascii = True
+            self.size = sum(map(_size, _layout(record, True)))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[bytes]:
+        for part in _layout(self.record, self.ascii):
+            if part.__class__ is bytes:
+                yield part
+            else:
+                yield from _slices(*part)
 
 
 def _big(value) -> bool:
@@ -100,6 +133,26 @@ def _slices(value: str | Utf8Text, ascii: bool) -> Iterator[bytes]:
         return
     for piece in _utf8_slices(value.data):
         yield _dumps(piece.decode("utf-8", "replace"), ascii)[1:-1]
+
+
+def _size(part: bytes | tuple) -> int:
+    """The length of a part of the layout as it is sent."""
+    if part.__class__ is bytes:
+        return len(part)
+    value, ascii = part
+    if value.__class__ is str or ascii:
+        return sum(map(len, _slices(value, ascii)))
+    total = 0
+    for piece in _utf8_slices(value.data):
+        if not piece.isascii():
+            try:
+                piece.decode("utf-8")  # valid: decoding with replace gives these bytes back
+            except UnicodeDecodeError:
+                total += len(_dumps(piece.decode("utf-8", "replace"), False)) - 2
+                continue
+        escapes = piece.translate(_EXTRA)
+        total += len(piece) + escapes.count(1) + 5 * escapes.count(5)
+    return total
 
 
 def _utf8_slices(data: bytes) -> Iterator[bytes]:
