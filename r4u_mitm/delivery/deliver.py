@@ -90,6 +90,21 @@ def _record(row: Row) -> dict | None:
     return record.build_record(exchange, **options)
 
 
+async def _answer(response) -> bytes:
+    """R4U's answer to a post, as far as its reason is read (`policy.ANSWER_READ`): a 201 echoes
+    the whole record, which would double a big one's memory. The rest of a longer one is not
+    read: its connection is closed instead (cheaper than reading it through)."""
+    kept = bytearray()
+    try:
+        async for chunk in response.aiter_bytes():
+            kept += chunk
+            if len(kept) > policy.ANSWER_READ:
+                break
+    finally:
+        await response.aclose()
+    return bytes(kept)
+
+
 async def _slices(body: Streamed):
     """A streamed record's slices for httpx, each made on the loop (about a millisecond), the
     loop's other tasks (posts, wake-ups) running between two."""
@@ -414,7 +429,8 @@ class Worker:
                 headers = [*headers.raw, (b"Content-Length", b"%d" % len(body))]
             response = await self.client.send(self.httpx.Request(
                 "POST", post.url, headers=headers, content=body if body.__class__ is bytes else _slices(body),
-                extensions={"timeout": self._timeout(deadline).as_dict()}))
+                extensions={"timeout": self._timeout(deadline).as_dict()}), stream=True)
+            answer = await _answer(response)
         except (self.httpx.TransportError, OSError, ssl.SSLError) as exc:
             error = self._describe(exc, deadline)
             if await self._late_answer_alone(exc):  # a big record, a slow link or parse: a longer deadline later
@@ -442,7 +458,7 @@ class Worker:
             self._add(0, row.id)
             self._tell(row.trace_id, "delivered")
             return
-        reason = policy.rejection_reason(status, response.reason_phrase, response.content)
+        reason = policy.rejection_reason(status, response.reason_phrase, answer)
         self.last_error = reason
         self._dirty()
         if decision.action == "retry":
