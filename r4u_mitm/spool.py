@@ -53,6 +53,18 @@ VACUUM_FREE_BYTES = 64 * 1024 * 1024
 RAW = "head, request_body, response_body, piece_ends, piece_times"
 DEAD_COLUMNS = "trace_id, status, reason, failed_at, attempts"
 RECORD_HEAD = b'{"record":true}'  # a finished record (from a version 1 outbox): posted as it is
+BIG_BODY = 1024 * 1024  # bytes of a body from which a claim reads it apart, with blob I/O
+_BIG_BODIES = ((5, "request_body"), (6, "response_body"))  # their places in a claimed row
+
+
+def _claimed_columns(big: int) -> str:
+    """RAW, with a body of more than `big` bytes as NULL (the columns are NOT NULL), to be read
+    apart (`_read_big_bodies`). length() of a blob reads its size only."""
+    bodies = ", ".join(f"CASE WHEN length({column}) > {big} THEN NULL ELSE {column} END" for _, column in _BIG_BODIES)
+    return f"head, {bodies}, piece_ends, piece_times"
+
+
+_CLAIMED = _claimed_columns(BIG_BODY)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS exchanges (
@@ -350,9 +362,15 @@ class Spool:
             if not ids:
                 return []
             rows = {row[0]: row for row in db.execute(
-                f"SELECT id, trace_id, attempts, failures, {RAW} FROM exchanges WHERE id IN ({_marks(len(ids))})",
+                f"SELECT id, trace_id, attempts, failures, {_CLAIMED} FROM exchanges WHERE id IN ({_marks(len(ids))})",
                 ids)}
-            out = [Row(*rows[i]) for i in ids if i in rows]
+            out = []
+            for rowid in ids:
+                row = rows.get(rowid)
+                if row is not None and None in row:
+                    row = _read_big_bodies(db, row)
+                if row is not None:
+                    out.append(Row(*row))
             self._claimed.update(row[0] for row in out)
             return out
 
@@ -599,6 +617,22 @@ def _read_only(path: Path, read):
 
 
 # Helpers ------------------------------------------------------------------------------------------
+
+def _read_big_bodies(db: sqlite3.Connection, row: tuple) -> tuple | None:
+    """A claimed row with its big bodies (NULL in it) read by blob I/O: SQLite copies such a
+    body straight into its bytes object, the GIL released, where a column value is copied twice
+    (assembled whole by SQLite, then into Python, holding the GIL). None: the row is gone (a
+    proxy dropped it, the outbox being full)."""
+    row = list(row)
+    try:
+        for index, column in _BIG_BODIES:
+            if row[index] is None:
+                with db.blobopen("exchanges", column, row[0], readonly=True) as blob:
+                    row[index] = blob.read()
+    except sqlite3.OperationalError:
+        return None
+    return tuple(row)
+
 
 class _transaction:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error (the connection is in autocommit mode)."""
