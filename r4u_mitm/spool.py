@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from r4u_mitm.pure.record import Exchange
+from r4u_mitm.pure.record import Exchange, Pieces
 from r4u_mitm.pure.redact import body_redactor, redact_pairs, redact_raw, redact_url
 
 __all__ = ["Spool", "SpoolClosed", "SpoolError", "Packed", "pack", "unpack", "read_stats", "read_dead_letters",
@@ -53,6 +53,18 @@ VACUUM_FREE_BYTES = 64 * 1024 * 1024
 RAW = "head, request_body, response_body, piece_ends, piece_times"
 DEAD_COLUMNS = "trace_id, status, reason, failed_at, attempts"
 RECORD_HEAD = b'{"record":true}'  # a finished record (from a version 1 outbox): posted as it is
+BIG_BODY = 1024 * 1024  # bytes of a body from which a claim reads it apart, with blob I/O
+_BIG_BODIES = ((5, "request_body"), (6, "response_body"))  # their places in a claimed row
+
+
+def _claimed_columns(big: int) -> str:
+    """RAW, with a body of more than `big` bytes as NULL (the columns are NOT NULL), to be read
+    apart (`_read_big_bodies`). length() of a blob reads its size only."""
+    bodies = ", ".join(f"CASE WHEN length({column}) > {big} THEN NULL ELSE {column} END" for _, column in _BIG_BODIES)
+    return f"head, {bodies}, piece_ends, piece_times"
+
+
+_CLAIMED = _claimed_columns(BIG_BODY)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS exchanges (
@@ -212,7 +224,7 @@ def _identity(headers: list[tuple[str, str]]) -> bool:
 
 def unpack(row: Row | Packed) -> tuple[Exchange | None, dict]:
     """(exchange, build options), or (None, {}) for a finished record (posted as it is: the
-    response_body)."""
+    response_body). The exchange's pieces are the stored body and their ends in it (`Pieces`)."""
     head = json.loads(row.head)
     if head.get("record"):
         return None, {}
@@ -222,11 +234,11 @@ def unpack(row: Row | Packed) -> tuple[Exchange | None, dict]:
     times = array("d")
     times.frombytes(row.piece_times)
     body = row.response_body
-    starts = [0, *ends[:-1]]
-    pieces = [body[a:b] for a, b in zip(starts, ends)] if len(ends) > 1 else ([body] if body else [])
+    if len(ends) <= 1:  # the whole body, or no piece when it is empty
+        ends = array("Q", [len(body)] if body else [])
     head["request_headers"] = [tuple(pair) for pair in head["request_headers"]]
     head["response_headers"] = [tuple(pair) for pair in head["response_headers"]]
-    ex = Exchange(**head, request_body=row.request_body, pieces=pieces, piece_times=list(times))
+    ex = Exchange(**head, request_body=row.request_body, pieces=Pieces(body, ends), piece_times=list(times))
     return ex, options
 
 
@@ -350,9 +362,15 @@ class Spool:
             if not ids:
                 return []
             rows = {row[0]: row for row in db.execute(
-                f"SELECT id, trace_id, attempts, failures, {RAW} FROM exchanges WHERE id IN ({_marks(len(ids))})",
+                f"SELECT id, trace_id, attempts, failures, {_CLAIMED} FROM exchanges WHERE id IN ({_marks(len(ids))})",
                 ids)}
-            out = [Row(*rows[i]) for i in ids if i in rows]
+            out = []
+            for rowid in ids:
+                row = rows.get(rowid)
+                if row is not None and None in row:
+                    row = _read_big_bodies(db, row)
+                if row is not None:
+                    out.append(Row(*row))
             self._claimed.update(row[0] for row in out)
             return out
 
@@ -611,6 +629,22 @@ def _other_version(path: Path, version: int) -> str:
 
 
 # Helpers ------------------------------------------------------------------------------------------
+
+def _read_big_bodies(db: sqlite3.Connection, row: tuple) -> tuple | None:
+    """A claimed row with its big bodies (NULL in it) read by blob I/O: SQLite copies such a
+    body straight into its bytes object, the GIL released, where a column value is copied twice
+    (assembled whole by SQLite, then into Python, holding the GIL). None: the row is gone (a
+    proxy dropped it, the outbox being full)."""
+    row = list(row)
+    try:
+        for index, column in _BIG_BODIES:
+            if row[index] is None:
+                with db.blobopen("exchanges", column, row[0], readonly=True) as blob:
+                    row[index] = blob.read()
+    except sqlite3.OperationalError:
+        return None
+    return tuple(row)
+
 
 class _transaction:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error (the connection is in autocommit mode)."""

@@ -2,6 +2,7 @@
 spool: down, slow, failing, refusing, hanging; stdin EOF and drain; kill -9 and restart; one
 deliverer per spool."""
 
+import asyncio
 import collections
 import json
 import os
@@ -13,11 +14,15 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from r4u_mitm import wake
+from r4u_mitm.delivery import policy
+from r4u_mitm.delivery.deliver import STREAM_ABOVE, _answer, build, content
 from r4u_mitm.pure.record import Exchange
-from r4u_mitm.spool import Spool, pack, read_stats
+from r4u_mitm.pure.recordjson import Streamed
+from r4u_mitm.spool import Row, Spool, pack, read_stats
 from tests.fakes.r4u import FakeR4U
 from tests.harness import free_port
 
@@ -164,6 +169,56 @@ def test_the_options_stored_with_an_exchange_are_applied(fake, box):
         (record,) = fake.wait_for(1)
     assert record["request_headers"]["x-team-secret-thing"] == "[REDACTED]"
     assert record["metadata"]["truncated"] is True and len(record["request"]) <= 10
+
+
+def test_a_big_record_is_sent_as_it_is_made_with_its_content_length(fake, box):
+    """A record above STREAM_ABOVE is encoded slice by slice as it is sent: R4U gets `build`'s
+    bytes exactly, framed by Content-Length (the fake answers 411 to a chunked body)."""
+    event = 'data: {"choices":[{"delta":{"content":"é😀 \\"北京\\" ok"}}],"model":"gpt-4o-mini"}\n\n'.encode()
+    body = event * (STREAM_ABOVE // len(event) + 1000) + b"data: \xff\xfe not UTF-8\n\ndata: [DONE]\n\n"
+    pieces = [body[i:i + 4096] for i in range(0, len(body), 4096)]
+    ex = exchange(stream=True, response_headers=[("content-type", "text/event-stream")], pieces=pieces,
+                  piece_times=[time.monotonic()] * len(pieces), wire_bytes=len(body))
+    options = {"max_body_bytes": 64 << 20, "redact": []}
+    packed = pack(ex, options)
+    row = Row(1, ex.trace_id, 0, 0, *packed[1:])
+    assert isinstance(content(row), Streamed)
+    expected = build(row)
+    spool_in(box, [ex], options)
+    with Deliverer(box, fake.url) as d:
+        (record,) = fake.wait_for(1, timeout=60)
+        until(lambda: d.outcomes() == [(ex.trace_id, "delivered")], what="delivered")
+    (post,) = fake.posts
+    assert post.status == 201 and post.size == int(post.headers["content-length"]) == len(expected)
+    assert "transfer-encoding" not in post.headers
+    assert record == json.loads(expected) and "\ufffd\ufffd not UTF-8" in record["response"]
+
+
+def test_an_answer_is_read_as_far_as_its_reason_needs():
+    """R4U's 201 echoes the record: a big record's answer is read up to policy.ANSWER_READ, not
+    through (the connection is closed instead); a short answer is read whole, its reason too."""
+    made = []
+
+    async def echo():
+        for _ in range(100):  # 6.4 MB
+            made.append(1)
+            yield b"x" * 65536
+
+    def r4u(request):
+        if request.url.path == "/echo":
+            return httpx.Response(201, content=echo())
+        return httpx.Response(422, json={"detail": [{"loc": ["body", "request"], "msg": "Field required"}]})
+
+    async def post(client, path):
+        return await _answer(await client.send(client.build_request("POST", f"http://r4u{path}"), stream=True))
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(r4u)) as client:
+            return await post(client, "/echo"), await post(client, "/refused")
+
+    echoed, refused = asyncio.run(run())
+    assert policy.ANSWER_READ < len(echoed) <= policy.ANSWER_READ + 65536 and len(made) < 100
+    assert policy.rejection_reason(422, "Unprocessable Entity", refused) == "HTTP 422: body.request: Field required"
 
 
 def test_r4u_down_for_the_whole_first_phase_then_started(down, box):

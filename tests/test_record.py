@@ -1,8 +1,11 @@
 import gzip
 import json
 from datetime import datetime
+from unittest import mock
 
+from r4u_mitm.pure import recordjson
 from r4u_mitm.pure.record import REDACTED, Exchange, build_record, redact_headers, redact_url, who_ended
+from r4u_mitm.pure.recordjson import encode_record
 from tests.harness import STREAMS
 
 SECRET = "sk-record-SECRET-123456"
@@ -239,3 +242,55 @@ def test_upstream_request_id_is_the_providers_own_header():
     assert request_id("azure_openai", ("apim-request-id", "apim-1")) == "apim-1"
     assert request_id("azure_openai", ("x-request-id", ""), ("apim-request-id", "apim-1")) == "apim-1"
     assert request_id("openai", ("apim-request-id", "apim-1")) is None
+
+
+# A body bigger than recordjson.SLICE bytes is kept as bytes --------------------------------------
+
+DIALECT_PATHS = {"openai_chat": ("openai", "/v1/chat/completions"), "framing": ("openai", "/v1/chat/completions"),
+                 "azure_chat": ("azure_openai", "/openai/deployments/d/chat/completions"),
+                 "openai_completions": ("openai", "/v1/completions"), "openai_responses": ("openai", "/v1/responses"),
+                 "anthropic": ("anthropic", "/v1/messages")}
+
+
+def body_cases():
+    """Exchanges whose bodies take each way to the record's text: every example stream (the
+    chat fast path, the full reading), compressed, cut by the limit; answers in JSON, plain text,
+    without a type (valid UTF-8 or not), in Latin-1, binary; bodies with secrets."""
+    json_type, no_type = [("content-type", "application/json")], [("content-type", "")]
+    for path in sorted(STREAMS.rglob("*.sse")):
+        provider, api = DIALECT_PATHS[path.parent.name]
+        raw = path.read_bytes() * 3
+        yield path.name, streamed(raw, provider=provider, path=api), 1 << 20
+        yield f"{path.name} cut", streamed(raw, provider=provider, path=api), len(raw) // 2
+        gz = exchange(stream=True, pieces=[gzip.compress(raw)], piece_times=[100.5], provider=provider, path=api,
+                      response_headers=[("content-type", "text/event-stream"), ("content-encoding", "gzip")])
+        yield f"{path.name} gzip", gz, 1 << 20
+    answer = json.dumps({"model": "m", "choices": [{"message": {"content": "é😀\"\\\n" * 40}}]}).encode()
+    yield "json", exchange(pieces=[answer], response_headers=json_type), 1 << 20
+    yield "json gzip", exchange(pieces=[gzip.compress(answer)], response_headers=[
+        *json_type, ("content-encoding", "gzip")]), 1 << 20
+    yield "text", exchange(pieces=[answer], response_headers=[("content-type", "text/plain")]), 1 << 20
+    yield "no type", exchange(pieces=[answer], response_headers=no_type), 1 << 20
+    yield "no type, not UTF-8", exchange(pieces=[answer + b"\xff"], response_headers=no_type), 1 << 20
+    yield "latin-1", exchange(pieces=["é".encode("latin-1") * 100], response_headers=[
+        ("content-type", "text/plain; charset=latin-1")]), 1 << 20
+    yield "binary", exchange(pieces=[bytes(range(256))], response_headers=[("content-type", "image/png")]), 1 << 20
+    secret = json.dumps({"api_key": SECRET, "messages": [{"content": "é😀" * 40}]}).encode()
+    yield "secrets", streamed(BASIC.replace(b'"model"', b'"api_key":"%s","model"' % SECRET.encode()),
+                              request_body=secret), 1 << 20
+
+
+def test_a_big_body_is_kept_as_bytes_and_gives_the_same_record():
+    """With recordjson.SLICE at 64 bytes, the bodies above take the bytes way (`Utf8Text`,
+    encoded from its bytes) where they are UTF-8 text: the record's bytes are those of its
+    text (every test body here is under the real SLICE: a str)."""
+    kinds = set()
+    for name, ex, limit in body_cases():
+        as_text = encode_record(build_record(ex, max_body_bytes=limit))
+        with mock.patch.object(recordjson, "SLICE", 64):
+            record = build_record(ex, max_body_bytes=limit)
+            assert encode_record(record) == as_text, name
+        kinds.add((name, type(record["response"]).__name__))
+    assert ("basic.sse", "Utf8Text") in kinds and ("text.sse gzip", "Utf8Text") in kinds  # fast and full reading
+    assert {("no type", "Utf8Text"), ("no type, not UTF-8", "str"), ("latin-1", "str"), ("binary", "str"),
+            ("secrets", "str")} <= kinds  # a big body with a secret-looking key is read as text

@@ -63,6 +63,24 @@ def test_an_exchange_comes_back_as_it_went_in_and_builds_the_same_record(path):
     assert build_record(back, **options) == build_record(ex, **OPTIONS)
     assert json.loads(build(row)) == build_record(ex, **OPTIONS)
     assert row.response_body == b"".join(ex.pieces)  # one contiguous body, pieces by offsets
+    assert back.pieces.body is row.response_body and list(back.pieces) == ex.pieces  # sliced when read, not before
+
+
+def test_a_claim_reads_big_bodies_apart_and_the_same(path, monkeypatch):
+    """Bodies above BIG_BODY are read with blob I/O (SQLite does not assemble them first): the
+    same bytes, small ones beside them as they were."""
+    exchanges = [exchange(f"t{i}", size) for i, size in enumerate((0, 10, 11, 5000))]
+    exchanges[2].pieces = [b"x" * 4000, "é".encode() * 3000]
+    with Spool(path) as box:
+        box.append([pack(ex, OPTIONS) for ex in exchanges])
+        whole = box.claim(10)
+        box.release()
+        monkeypatch.setattr(spool_module, "_CLAIMED", spool_module._claimed_columns(10))
+        apart = box.claim(10)
+        assert apart == whole and [len(r.request_body) for r in apart] == [0, 10, 11, 5000]
+        assert [unpack(r)[0] for r in apart] == exchanges
+        # a row gone between the select and the blob read (a proxy dropped it): not claimed
+        assert spool_module._read_big_bodies(box._conn(), (10**6, "t", 0, 0, b"{}", None, b"", b"", b"")) is None
 
 
 def test_no_secret_header_or_query_parameter_is_stored(path):

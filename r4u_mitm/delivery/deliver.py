@@ -42,7 +42,7 @@ from pathlib import Path
 from r4u_mitm import endpoint, wake
 from r4u_mitm.delivery import policy
 from r4u_mitm.pure import record
-from r4u_mitm.pure.recordjson import encode_record
+from r4u_mitm.pure.recordjson import Streamed, encode_record, is_big
 from r4u_mitm.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_RECORDS, Row, Spool, SpoolClosed, unpack
 
 log = logging.getLogger("r4u_mitm")
@@ -57,6 +57,9 @@ COMMIT_GATHER = 0.02     # seconds outcomes pile up before one transaction write
 BATCH = 64
 NICENESS = 10           # added to the deliverer's nice value: the proxy's flows come first
 INLINE_BUILD = 64 * 1024  # bytes of bodies up to which a record is built on the loop (well under 1 ms)
+# Bytes of bodies from which a record is streamed (`content`): measuring it first costs 1-3 ms a
+# MB; below, the memory saved is a few MB.
+STREAM_ABOVE = 4 * 1024 * 1024
 
 
 def encode(rec: dict) -> bytes:
@@ -66,10 +69,48 @@ def encode(rec: dict) -> bytes:
 
 def build(row: Row) -> bytes:
     """The JSON body to post for a claimed exchange."""
+    rec = _record(row)
+    return row.response_body if rec is None else encode(rec)
+
+
+def content(row: Row) -> bytes | Streamed:
+    """What is posted for a claimed exchange: `build`'s bytes; a big record's made slice by slice
+    as they are sent (`Streamed`: its size measured first, its bytes never all in memory)."""
+    rec = _record(row)
+    if rec is None:
+        return row.response_body
+    big = len(row.response_body) + len(row.request_body) > STREAM_ABOVE and is_big(rec)
+    return Streamed(rec) if big else encode(rec)
+
+
+def _record(row: Row) -> dict | None:
     exchange, options = unpack(row)
     if exchange is None:  # a finished record from a version 1 outbox
-        return row.response_body
-    return encode(record.build_record(exchange, **options))
+        return None
+    return record.build_record(exchange, **options)
+
+
+async def _answer(response) -> bytes:
+    """R4U's answer to a post, as far as its reason is read (`policy.ANSWER_READ`): a 201 echoes
+    the whole record, which would double a big one's memory. The rest of a longer one is not
+    read: its connection is closed instead (cheaper than reading it through)."""
+    kept = bytearray()
+    try:
+        async for chunk in response.aiter_bytes():
+            kept += chunk
+            if len(kept) > policy.ANSWER_READ:
+                break
+    finally:
+        await response.aclose()
+    return bytes(kept)
+
+
+async def _slices(body: Streamed):
+    """A streamed record's slices for httpx, each made on the loop (about a millisecond), the
+    loop's other tasks (posts, wake-ups) running between two."""
+    for part in body:
+        yield part
+        await asyncio.sleep(0)
 
 
 class _Signal:
@@ -365,9 +406,9 @@ class Worker:
     async def _post(self, row: Row) -> None:
         try:
             if len(row.response_body) + len(row.request_body) <= INLINE_BUILD:
-                body = build(row)  # a handoff to the thread costs more, in GIL switches, than this
+                body = content(row)  # a handoff to the thread costs more, in GIL switches, than this
             else:
-                body = await self.loop.run_in_executor(self.builder, build, row)
+                body = await self.loop.run_in_executor(self.builder, content, row)
         except Exception as exc:  # noqa: BLE001 - kept raw in the dead-letter table: a later version can rebuild it
             reason = f"cannot build the record: {policy.describe(exc)}"
             self.record_errors += 1
@@ -383,9 +424,13 @@ class Worker:
         self.in_flight += 1
         try:
             post = self.post_template
+            headers = post.headers
+            if body.__class__ is Streamed:  # its Content-Length, known: httpx then sends no Transfer-Encoding
+                headers = [*headers.raw, (b"Content-Length", b"%d" % len(body))]
             response = await self.client.send(self.httpx.Request(
-                "POST", post.url, headers=post.headers, content=body,
-                extensions={"timeout": self._timeout(deadline).as_dict()}))
+                "POST", post.url, headers=headers, content=body if body.__class__ is bytes else _slices(body),
+                extensions={"timeout": self._timeout(deadline).as_dict()}), stream=True)
+            answer = await _answer(response)
         except (self.httpx.TransportError, OSError, ssl.SSLError) as exc:
             error = self._describe(exc, deadline)
             if await self._late_answer_alone(exc):  # a big record, a slow link or parse: a longer deadline later
@@ -413,7 +458,7 @@ class Worker:
             self._add(0, row.id)
             self._tell(row.trace_id, "delivered")
             return
-        reason = policy.rejection_reason(status, response.reason_phrase, response.content)
+        reason = policy.rejection_reason(status, response.reason_phrase, answer)
         self.last_error = reason
         self._dirty()
         if decision.action == "retry":

@@ -23,6 +23,7 @@ from email.utils import parsedate_to_datetime
 
 RETRY_AFTER_MAX = 600.0  # a Retry-After beyond 10 minutes is taken as 10 minutes
 REASON_MAX = 200
+ANSWER_READ = 4 * 1024 * 1024  # bytes of an answer read for its reason (R4U's 201 echoes the whole record)
 RETRYABLE = frozenset({408, 429})
 OUTAGE = frozenset({502, 503, 504})  # R4U (or a gateway in front of it) out of service: no cap
 # Answers about R4U's setup (wrong URL, auth, a redirect), not about the record: keep the record.
@@ -99,7 +100,7 @@ def rejection_reason(status: int, phrase: str, body: bytes) -> str:
     `input`, which echoes the record), or the detail string, or the status phrase."""
     text = ""
     try:
-        data = json.loads(body) if len(body) <= 4 * 1024 * 1024 else None
+        data = json.loads(body) if len(body) <= ANSWER_READ else None
     except ValueError:
         data = None
     detail = data.get("detail") if isinstance(data, dict) else None

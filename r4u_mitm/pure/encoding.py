@@ -352,6 +352,11 @@ class BodyDecoder:
         self._raw = None
 
 
+def is_identity(content_encoding: str | None) -> bool:
+    """No content coding (none, or identity): a body decodes to its raw bytes."""
+    return not _codings(content_encoding)
+
+
 def _codings(content_encoding: str | None) -> list[str]:
     """Header value → codings in the order they were applied; identity dropped."""
     if not content_encoding:

@@ -7,18 +7,20 @@ bodies are decoded, streams parsed and timings derived. Knows nothing of mitmpro
 from __future__ import annotations
 
 import codecs
+import io
 import itertools
 import logging
 import re
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from r4u_mitm.pure import dialects, fastpath, hosts, openai_url
-from r4u_mitm.pure.encoding import BodyDecoder, decode_body
-from r4u_mitm.pure.redact import REDACTED, body_redactor, is_secret_header, redact_url
+from r4u_mitm.pure import dialects, fastpath, hosts, openai_url, recordjson
+from r4u_mitm.pure.encoding import BodyDecoder, decode_body, is_identity
+from r4u_mitm.pure.recordjson import Utf8Text
+from r4u_mitm.pure.redact import REDACTED, BodyRedactor, body_redactor, is_secret_header, redact_url
 from r4u_mitm.pure.sse import SSEDecoder
 
 GIL_YIELD_EVERY = 64  # pieces parsed between two voluntary releases of the GIL
@@ -35,6 +37,33 @@ REQUEST_ID_HEADERS = {
     hosts.ANTHROPIC: ("request-id",),
     hosts.AZURE_OPENAI: ("x-request-id", "apim-request-id"),
 }
+
+
+class Pieces:
+    """The pieces of a body kept whole: the body and where each piece ends in it. A stored
+    stream (one blob, ~100k pieces in 30 MB) is read without a bytes object per piece; a piece
+    is sliced when iterated."""
+
+    __slots__ = ("body", "ends")
+
+    def __init__(self, body: bytes, ends: Sequence[int]) -> None:
+        self.body = body
+        self.ends = ends
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __iter__(self) -> Iterator[bytes]:
+        start = 0
+        for end in self.ends:
+            yield self.body[start:end]
+            start = end
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Pieces | list) and len(self) == len(other) and all(
+            a == b for a, b in zip(self, other))
+
+    __hash__ = None
 
 
 @dataclass(slots=True)
@@ -56,7 +85,7 @@ class Exchange:
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     headers_at: float | None = None
     stream: bool = False
-    pieces: list[bytes] = field(default_factory=list)
+    pieces: list[bytes] | Pieces = field(default_factory=list)
     piece_times: list[float] = field(default_factory=list)
     wire_bytes: int = 0
     truncated: bool = False
@@ -77,7 +106,7 @@ def build_record(ex: Exchange, *, max_body_bytes: int, redact: Iterable[str] = (
     request_text, request_truncated, request_decode_error, request_utf8 = _body_text(
         ex.request_body or b"", _header(ex.request_headers, "content-encoding"), req_type, max_body_bytes
     )
-    request_text = redactor.json(request_text, request_utf8)
+    request_text = _redacted(redactor, request_text, request_utf8, stream=False)
     meta: dict = {
         "url": redact_url(ex.url),
         "provider": ex.provider,
@@ -106,7 +135,7 @@ def build_record(ex: Exchange, *, max_body_bytes: int, redact: Iterable[str] = (
         except Exception as exc:  # noqa: BLE001 - a parser bug must not lose the trace
             parse_error = _parse_failed(ex, exc)
             response_text, truncated, decode_error, utf8 = _body_text(
-                b"".join(ex.pieces), encoding, resp_type, max_body_bytes
+                _joined(ex.pieces), encoding, resp_type, max_body_bytes
             )
         else:
             meta.update(events=summary.events, ttft_ms=_ms(ttft_at, ex.started), model=summary.model,
@@ -118,17 +147,17 @@ def build_record(ex: Exchange, *, max_body_bytes: int, redact: Iterable[str] = (
         provider_error = summary.error if summary is not None else None
     else:
         response_text, truncated, decode_error, utf8 = _body_text(
-            b"".join(ex.pieces), encoding, resp_type, max_body_bytes
+            _joined(ex.pieces), encoding, resp_type, max_body_bytes
         )
         try:
-            found = dialects.body_summary(ex.provider, ex.path, response_text)
+            found = dialects.body_summary(ex.provider, ex.path, str(response_text))
         except Exception as exc:  # noqa: BLE001 - a parser bug must not lose the trace
             parse_error = _parse_failed(ex, exc)
             found = {}
         meta.update(model=found.get("model"), finish_reason=found.get("finish_reason"), usage=found.get("usage"))
         provider_error = found.get("error")
         truncated = truncated or ex.truncated
-    response_text = redactor.event_stream(response_text, utf8) if ex.stream else redactor.json(response_text, utf8)
+    response_text = _redacted(redactor, response_text, utf8, stream=ex.stream)
     if parse_error:
         meta["parse_error"] = parse_error
     if truncated:
@@ -186,7 +215,8 @@ def _read_stream(ex: Exchange, encoding: str | None, limit: int):
     body = BodyDecoder(encoding, limit)
     decoder = SSEDecoder()
     summary = dialects.stream_summary(ex.provider, ex.path)
-    decoded: list[bytes] = []
+    # Without a content coding the decoded body is the raw one (cut at the limit): not copied.
+    decoded = None if is_identity(encoding) else io.BytesIO()
     ttft_at: float | None = None
     times = ex.piece_times if len(ex.piece_times) == len(ex.pieces) else [None] * len(ex.pieces)
     for n, (piece, at) in enumerate(zip(ex.pieces, times), 1):
@@ -194,19 +224,20 @@ def _read_stream(ex: Exchange, encoding: str | None, limit: int):
             time.sleep(0)  # let the deliverer's event loop (posts in flight) have the GIL: a long stream takes a while
         chunk = body.feed(piece)
         if chunk:
-            decoded.append(chunk)
+            if decoded is not None:
+                decoded.write(chunk)
             for event in decoder.feed(chunk):
                 if summary.add(event) and ttft_at is None:
                     ttft_at = at
     tail = body.finish()
     if tail:
-        decoded.append(tail)
+        decoded.write(tail)  # (a pass-through has no tail)
     for event in [*decoder.feed(tail), *decoder.finish()]:
         if summary.add(event) and ttft_at is None and ex.piece_times:
             ttft_at = ex.ended
-    data = b"".join(decoded)
+    data = decoded.getvalue() if decoded is not None else _joined(ex.pieces)[:limit]
     content_type = _header(ex.response_headers, "content-type")
-    return _text(data, content_type), summary, ttft_at, body.truncated, body.error, _utf8(data, content_type)
+    return _decoded(data, content_type), summary, ttft_at, body.truncated, body.error, _utf8(data, content_type)
 
 
 def _read_stream_fast(ex: Exchange, encoding: str | None, limit: int):
@@ -214,9 +245,9 @@ def _read_stream_fast(ex: Exchange, encoding: str | None, limit: int):
     None when that does not apply."""
     if not fastpath.applies(ex.provider, ex.path, encoding):
         return None
-    body = b"".join(ex.pieces)
+    body = _joined(ex.pieces)
     times = ex.piece_times if len(ex.piece_times) == len(ex.pieces) else None
-    ends = itertools.accumulate(map(len, ex.pieces))
+    ends = ex.pieces.ends if ex.pieces.__class__ is Pieces else itertools.accumulate(map(len, ex.pieces))
     found = fastpath.read_stream(ex.provider, ex.path, encoding, body, limit, ends, times)
     if found is None:
         return None
@@ -224,7 +255,12 @@ def _read_stream_fast(ex: Exchange, encoding: str | None, limit: int):
     truncated = len(body) > limit
     data = body[:limit] if truncated else body
     content_type = _header(ex.response_headers, "content-type")
-    return _text(data, content_type), summary, ttft_at, truncated, None, _utf8(data, content_type)
+    return _decoded(data, content_type), summary, ttft_at, truncated, None, _utf8(data, content_type)
+
+
+def _joined(pieces: list[bytes] | Pieces) -> bytes:
+    """The body the pieces make (a stored exchange's is one already: no copy)."""
+    return pieces.body if pieces.__class__ is Pieces else b"".join(pieces)
 
 
 def _body_text(raw: bytes, encoding: str | None, content_type: str | None, limit: int):
@@ -236,9 +272,9 @@ def _body_text(raw: bytes, encoding: str | None, content_type: str | None, limit
         return _placeholder(len(raw), mime), False, None, None
     data, truncated, error = decode_body(encoding, raw, limit) if raw else (b"", False, None)
     if any(t in mime for t in TEXT_TYPES):
-        return _text(data, content_type), truncated, error, _utf8(data, content_type)
+        return _decoded(data, content_type), truncated, error, _utf8(data, content_type)
     try:
-        return _text(data, content_type, "strict"), truncated, error, _utf8(data, content_type)
+        return _decoded(data, content_type, "strict"), truncated, error, _utf8(data, content_type)
     except UnicodeDecodeError:
         return _placeholder(len(raw), mime or "unknown type"), False, error, None
 
@@ -322,6 +358,30 @@ def _text(data: bytes, content_type: str | None, errors: str = "replace") -> str
         return data.decode(found.group(1) if found else "utf-8", errors)
     except LookupError:
         return data.decode("utf-8", errors)
+
+
+def _decoded(data: bytes, content_type: str | None, errors: str = "replace") -> str | Utf8Text:
+    """The text of a body (see `_text`); a big one read as UTF-8 stays its bytes (`Utf8Text`,
+    encoded into the record's JSON slice by slice): as a `str` it would take up to 4 bytes a
+    character. `errors="strict"` checks it in slices and raises as `_text` would."""
+    if len(data) <= recordjson.SLICE or _utf8(data, content_type) is None:
+        return _text(data, content_type, errors)
+    if errors == "strict":
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        for i in range(0, len(data), recordjson.SLICE):
+            decoder.decode(data[i:i + recordjson.SLICE])
+        decoder.decode(b"", final=True)
+    return Utf8Text(data)
+
+
+def _redacted(redactor: BodyRedactor, text: str | Utf8Text, raw: bytes | None, *, stream: bool) -> str | Utf8Text:
+    """A body's text with its secret values replaced (see redact.py). A big one without a
+    secret-looking key (the pre-check reads its bytes) stays bytes; with one, it is read whole."""
+    if text.__class__ is Utf8Text:
+        if not redactor.suspect(text.data):
+            return text
+        text = str(text)
+    return redactor.event_stream(text, raw) if stream else redactor.json(text, raw)
 
 
 def _utf8(data: bytes, content_type: str | None) -> bytes | None:

@@ -145,8 +145,8 @@ class BodyRedactor:
 
     def json(self, text: str, raw: bytes | None = None) -> str:
         """A JSON body with its secret values replaced; any other text as it is. `raw`: the
-        bytes `text` was decoded from as UTF-8, when at hand (see `_suspect`)."""
-        if not _JSON_START.match(text) or not self._suspect(text if raw is None else raw):
+        bytes `text` was decoded from as UTF-8, when at hand (see `suspect`)."""
+        if not _JSON_START.match(text) or not self.suspect(text if raw is None else raw):
             return text
         low = _ascii_lower(text)
         return self._redact(text, low, self._hits(low))
@@ -154,7 +154,7 @@ class BodyRedactor:
     def event_stream(self, text: str, raw: bytes | None = None) -> str:
         """An event stream's text with the secret values of each `data:` line's JSON replaced.
         `raw`: as for `json`."""
-        if not self._suspect(text if raw is None else raw):
+        if not self.suspect(text if raw is None else raw):
             return text
         out: list[str] = []
         last = 0
@@ -177,7 +177,7 @@ class BodyRedactor:
         out.append(text[last:])
         return "".join(out)
 
-    def _suspect(self, body: str | bytes) -> bool:
+    def suspect(self, body: str | bytes) -> bool:
         """Whether a body may hold a secret key: False for nearly every body, cheaply. It is read
         as lowercased UTF-8: the bytes the text was decoded from, when the caller has them (where
         they did not decode, the text has U+FFFD, in no key name), else the text encoded again
@@ -369,7 +369,7 @@ def redact_raw(body: bytes, ends: list[int], *, stream: bool, redactor: BodyReda
     replaced, `ends` (where each piece of it ended) moved with the bytes. A body without a
     secret-looking key comes back as it is, after the cheap pre-check only. A piece that ended
     inside a line that changed ends where that line now ends."""
-    if not redactor._suspect(body):
+    if not redactor.suspect(body):
         return body, ends
     text = body.decode("utf-8", "surrogateescape")
     new = redactor.event_stream(text) if stream else redactor.json(text)
