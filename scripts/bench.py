@@ -1212,7 +1212,7 @@ def run_d(prof: Profile, tmp: Path, log) -> dict:
     tracemalloc.stop()
     out["build"] = {"events": events, "body_mb": body / MB, "ms": sec * 1000, "us_per_event": sec / events * 1e6,
                     "encode_ms": enc * 1000, "peak_build_mb": peak_build / MB, "peak_encode_mb": peak_encode / MB,
-                    "record_str_mb": sys.getsizeof(record["response"]) / MB, "blob_mb": len(blob) / MB}
+                    "blob_mb": len(blob) / MB}
     record = blob = None
     log(f"D: build_record {out['build']['us_per_event']:.2f} us/event")
 
@@ -1522,7 +1522,7 @@ def build_report(bench: Bench, c: dict | None, d: dict | None, load: dict) -> tu
                      f"{v['us_per_event']:.2f} µs/event in the deliverer; then its json encode: "
                      f"{v['encode_ms']:.0f} ms")
         lines.append(f"    peak memory: build_record +{v['peak_build_mb']:.0f} MB, encode +{v['peak_encode_mb']:.0f} MB "
-                     f"for a {v['body_mb']:.1f} MB body (the record's response str alone: {v['record_str_mb']:.0f} MB)")
+                     f"for a {v['body_mb']:.1f} MB body (its record's JSON: {v['blob_mb']:.1f} MB)")
         v2 = d["short"]
         lines.append(f"  one short exchange ({v2['events']} events, {v2['bytes']:,} B record): build_record "
                      f"{v2['build_us']:.0f} µs, encode {v2['encode_us']:.0f} µs, the proxy's store step (pack + commit) "
