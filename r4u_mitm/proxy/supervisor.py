@@ -39,7 +39,8 @@ _STOP = object()
 
 class SpoolWriter:
     """One daemon thread that appends exchanges to the spool in short transactions: the bodies
-    are joined and stored as they are (no decoding, no parsing, no JSON of bodies). `append`
+    are stored as they are (no decoding, no parsing, no JSON of bodies), a big one from its pieces,
+    in steps that leave the GIL to the event loop in between (`spool.pack`, `Spool.append`). `append`
     is a queue put: it returns at once, on the event loop. A write that fails (a full disk, a
     locked or broken file) is logged once per kind, counted, and the flows go on unchanged."""
 
@@ -90,7 +91,7 @@ class SpoolWriter:
     def _store(self, batch: list) -> None:
         added = dropped = 0
         try:
-            packed = [pack(exchange, options) for exchange, options, _ in batch]
+            packed = [pack(exchange, options, joined=False) for exchange, options, _ in batch]
             if self._spool is None:
                 self._spool = Spool(self.path, max_records=self.max_records, max_bytes=self.max_bytes)
             added, skipped, dropped = self._spool.append(packed)
@@ -257,7 +258,7 @@ class Link:
             return
         try:
             with Spool(self.path) as spool:
-                spool.append([pack(exchange, options)])
+                spool.append([pack(exchange, options, joined=False)])
         finally:
             self.budget.released += kept
         self._waker.send()
