@@ -296,7 +296,8 @@ class R4UTracer:
         """Put a teed stream back into the flow when someone will look at it: mitmweb or the
         console (their `view` addon), a `save_stream_file`, or anyone once `store_streamed_bodies`
         is set; with its pieces' sizes and arrival times, from which the SSE view computes the
-        time to first token (the tap's list of times itself, not a copy). mitmdump alone drops
+        time to first token (a copy of the tap's list of times, whose floats it shares: the spool
+        writer empties the tap's lists once they are stored). mitmdump alone drops
         flows, so there it would only cost a copy of the body on the event loop. With
         `store_streamed_bodies` mitmproxy keeps the body itself, but only of a response that
         ended well (not when the client hung up): then it is there already."""
@@ -309,7 +310,7 @@ class R4UTracer:
             return
         if flow.response.raw_content is None:
             flow.response.raw_content = b"".join(tap.pieces)
-        flow.metadata[contentview.PIECES_KEY] = {"times": tap.times, "sizes": list(map(len, tap.pieces)),
+        flow.metadata[contentview.PIECES_KEY] = {"times": list(tap.times), "sizes": list(map(len, tap.pieces)),
                                                  "clock": time.time() - time.monotonic(),
                                                  "started": flow.request.timestamp_start}
 
