@@ -50,6 +50,11 @@ SEEN_MAX = 100_000  # trace ids remembered (the most recent)
 COUNTERS = ("delivered", "retried", "dead_lettered", "dropped")
 # Running totals kept by triggers, so bounds and stats are O(1) and exact for every connection.
 TOTALS = ("pending", "pending_bytes", "dead_letter", "dead_letter_bytes", "seen")
+# What an append checks its bounds with, in one statement (each statement is a round trip for
+# the GIL, which the proxy's writer shares with the event loop)
+_BOUNDS_NOW = ("SELECT (SELECT value FROM counters WHERE name = 'pending'), "
+               "(SELECT value FROM counters WHERE name = 'pending_bytes'), "
+               "(SELECT value FROM counters WHERE name = 'seen')")
 # Give the freed pages back to the file system when the spool empties and this much is free.
 VACUUM_FREE_BYTES = 64 * 1024 * 1024
 RAW = "head, request_body, response_body, piece_ends, piece_times"
@@ -180,7 +185,7 @@ class Row(NamedTuple):
 
 
 _BODY_FIELDS = frozenset({"pieces", "piece_times", "request_body"})
-_HEAD_JSON = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+_HEAD_JSON = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), check_circular=False).encode  # plain data
 
 
 class Pieces:
@@ -365,10 +370,11 @@ class Spool:
                             continue
                         _insert(db, item, now)
                         added += 1
-                    dropped = self._trim(db)
+                    count, size, seen = db.execute(_BOUNDS_NOW).fetchone()
+                    dropped = self._trim(db, count, size)
                     if dropped:
                         _bump(db, "dropped", dropped)
-                    extra = _counter(db, "seen") - SEEN_MAX
+                    extra = seen - SEEN_MAX
                     if extra > 0:
                         db.execute("DELETE FROM seen WHERE trace_id IN (SELECT trace_id FROM seen ORDER BY at LIMIT ?)",
                                    (extra,))
@@ -559,8 +565,7 @@ class Spool:
             raise SpoolClosed(f"the outbox {self.path} is closed")
         return self._db
 
-    def _trim(self, db: sqlite3.Connection) -> int:
-        count, size = _counter(db, "pending"), _counter(db, "pending_bytes")
+    def _trim(self, db: sqlite3.Connection, count: int, size: int) -> int:
         if count <= self.max_records and size <= self.max_bytes:
             return 0
         victims: list[int] = []
