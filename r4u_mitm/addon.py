@@ -59,6 +59,7 @@ class R4UTracer:
         self.rules = hosts.parse_host_rules(hosts.DEFAULT_HOSTS)
         self.link: supervisor.Link | None = None  # None: not configured, or its options were refused
         self.configured = False
+        self.record_options: dict = {}  # what each exchange's record is built with (see `configure`)
 
     def load(self, loader) -> None:
         contentview.register()  # mitmweb's view for event streams; once, whatever reloads the script
@@ -159,6 +160,11 @@ class R4UTracer:
             except SpoolError as exc:
                 hint = " (set r4u_outbox or confdir to a writable place)" if isinstance(exc.__cause__, OSError) else ""
                 raise exceptions.OptionsError(f"r4u_outbox: {exc}{hint}") from None
+        # read here once, not per exchange (reading an option deep-copies its value); shared by the
+        # exchanges stored with it, which never change it
+        self.record_options = {"max_body_bytes": opts.r4u_max_body_bytes, "redact": list(opts.r4u_redact_headers),
+                               "redact_body_keys": list(opts.r4u_redact_body_keys),
+                               "openai_url_alias": opts.r4u_openai_url_alias}
         link = supervisor.link(path)
         if self.link is not None and link is not self.link:  # another outbox: open flows go on there
             link.open.update(self.link.open)
@@ -270,7 +276,7 @@ class R4UTracer:
         is_event_stream = "text/event-stream" in flow.response.headers.get("content-type", "")
         if is_event_stream or flow.response.stream is True:
             flow.response.stream = True  # streamed even if the tap can't be made: never buffer an event stream
-            trace.tap = Tap(ctx.options.r4u_max_body_bytes, self.link.budget)
+            trace.tap = Tap(self.record_options["max_body_bytes"], self.link.budget)
             flow.response.stream = trace.tap
 
     @guarded
@@ -296,7 +302,8 @@ class R4UTracer:
         """Put a teed stream back into the flow when someone will look at it: mitmweb or the
         console (their `view` addon), a `save_stream_file`, or anyone once `store_streamed_bodies`
         is set; with its pieces' sizes and arrival times, from which the SSE view computes the
-        time to first token (the tap's list of times itself, not a copy). mitmdump alone drops
+        time to first token (a copy of the tap's list of times, whose floats it shares: the spool
+        writer empties the tap's lists once they are stored). mitmdump alone drops
         flows, so there it would only cost a copy of the body on the event loop. With
         `store_streamed_bodies` mitmproxy keeps the body itself, but only of a response that
         ended well (not when the client hung up): then it is there already."""
@@ -309,7 +316,7 @@ class R4UTracer:
             return
         if flow.response.raw_content is None:
             flow.response.raw_content = b"".join(tap.pieces)
-        flow.metadata[PIECES_KEY] = {"times": tap.times, "sizes": list(map(len, tap.pieces)),
+        flow.metadata[PIECES_KEY] = {"times": list(tap.times), "sizes": list(map(len, tap.pieces)),
                                                  "clock": time.time() - time.monotonic(),
                                                  "started": flow.request.timestamp_start}
 
@@ -332,17 +339,15 @@ class R4UTracer:
             link.budget.released += kept  # never stored: its bytes go back to the other taps' budget
             raise
         link.traced += 1
-        opts = ctx.options
-        link.append(exchange, {"max_body_bytes": opts.r4u_max_body_bytes, "redact": list(opts.r4u_redact_headers),
-                               "redact_body_keys": list(opts.r4u_redact_body_keys),
-                               "openai_url_alias": opts.r4u_openai_url_alias}, kept)
+        link.append(exchange, self.record_options, kept)
 
     @guarded
     def _annotate(self, flow: http.HTTPFlow, trace: Trace) -> None:
         """For mitmweb: a comment that follows the trace's delivery; a mark (`~marked`) on flows
         whose trace is truncated (which the SSE view says too) or dead-lettered."""
         body = flow.response.raw_content if flow.response is not None and trace.tap is None else None
-        truncated = (trace.tap is not None and trace.tap.truncated) or len(body or b"") > ctx.options.r4u_max_body_bytes
+        limit = self.record_options["max_body_bytes"]
+        truncated = (trace.tap is not None and trace.tap.truncated) or len(body or b"") > limit
         if truncated:
             flow.marked = ":warning:"
             flow.metadata[contentview.TRUNCATED_KEY] = True

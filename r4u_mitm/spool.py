@@ -26,15 +26,17 @@ import sqlite3
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Sequence
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import accumulate, islice
 from pathlib import Path
 from typing import NamedTuple
 
 from r4u_mitm.pure.record import Exchange, Pieces
 from r4u_mitm.pure.redact import body_redactor, redact_pairs, redact_raw, redact_url
 
-__all__ = ["Spool", "SpoolClosed", "SpoolError", "Packed", "pack", "unpack", "read_stats", "read_dead_letters",
-           "DEFAULT_MAX_RECORDS", "DEFAULT_MAX_BYTES"]
+__all__ = ["Spool", "SpoolClosed", "SpoolError", "Packed", "UnjoinedBody", "pack", "unpack", "read_stats",
+           "read_dead_letters", "DEFAULT_MAX_RECORDS", "DEFAULT_MAX_BYTES"]
 
 # Sized for a day of heavy use on a laptop: ~100k exchanges, ~10 KB each on average, with
 # room for some large streams, before anything is dropped.
@@ -48,9 +50,17 @@ SEEN_MAX = 100_000  # trace ids remembered (the most recent)
 COUNTERS = ("delivered", "retried", "dead_lettered", "dropped")
 # Running totals kept by triggers, so bounds and stats are O(1) and exact for every connection.
 TOTALS = ("pending", "pending_bytes", "dead_letter", "dead_letter_bytes", "seen")
+# What an append checks its bounds with, in one statement (each statement is a round trip for
+# the GIL, which the proxy's writer shares with the event loop)
+_BOUNDS_NOW = ("SELECT (SELECT value FROM counters WHERE name = 'pending'), "
+               "(SELECT value FROM counters WHERE name = 'pending_bytes'), "
+               "(SELECT value FROM counters WHERE name = 'seen')")
 # Give the freed pages back to the file system when the spool empties and this much is free.
 VACUUM_FREE_BYTES = 64 * 1024 * 1024
 RAW = "head, request_body, response_body, piece_ends, piece_times"
+_BLOBS = ("request_body", "response_body", "piece_ends", "piece_times")  # the last columns with data
+SLICE = 1024 * 1024  # bytes of a big exchange written at a time (the GIL is free meanwhile)
+PIECES_STEP = 4096  # pieces whose ends and times are listed at a time (well under a millisecond)
 DEAD_COLUMNS = "trace_id, status, reason, failed_at, attempts"
 RECORD_HEAD = b'{"record":true}'  # a finished record (from a version 1 outbox): posted as it is
 BIG_BODY = 1024 * 1024  # bytes of a body from which a claim reads it apart, with blob I/O
@@ -162,7 +172,7 @@ class Packed(NamedTuple):
     trace_id: str
     head: bytes
     request_body: bytes
-    response_body: bytes
+    response_body: bytes | UnjoinedBody  # UnjoinedBody: see `pack`'s `joined`
     piece_ends: bytes
     piece_times: bytes
 
@@ -187,12 +197,42 @@ class Row(NamedTuple):
 
 
 _BODY_FIELDS = frozenset({"pieces", "piece_times", "request_body"})
+_HEAD_JSON = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), check_circular=False).encode  # plain data
 
 
-def pack(ex: Exchange, options: dict) -> Packed:
+class UnjoinedBody:
+    """A body as the pieces it came in, not joined: `len()` is its size in bytes, a slice `[a:b]`
+    the bytes between (joined from the pieces that hold them), `bytes()` all of it. The proxy's
+    writer stores a big stream this way, a slice at a time (see `pack` and `Spool.append`): never
+    a copy of the whole body, nor the GIL held while one is made."""
+
+    __slots__ = ("pieces", "ends")
+
+    def __init__(self, pieces: Sequence[bytes], ends: Sequence[int]) -> None:
+        self.pieces, self.ends = pieces, ends  # ends: where each piece ends in the body
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.pieces)
+
+    def __getitem__(self, where: slice) -> bytes:
+        start, stop, _ = where.indices(len(self))
+        if start >= stop:
+            return b""
+        first, last = bisect_right(self.ends, start), bisect_left(self.ends, stop)
+        offset = self.ends[first - 1] if first else 0
+        return b"".join(self.pieces[first:last + 1])[start - offset:stop - offset]
+
+
+def pack(ex: Exchange, options: dict, *, joined: bool = True) -> Packed:
     """`ex` and the options its record is built with (the proxy's: max_body_bytes, redaction),
-    as the spool stores them: one join of the pieces, no parsing unless the redactor's cheap
-    pre-check finds a secret-looking key. Secrets are redacted before anything reaches the disk."""
+    as the spool stores them: no parsing unless the redactor's cheap pre-check finds a
+    secret-looking key. Secrets are redacted before anything reaches the disk. `joined=False`
+    (the proxy's writer): a response body bigger than a slice that needs no redaction stays in
+    its pieces (`UnjoinedBody`), for `Spool.append` to write a slice at a time. A long stream is
+    walked in steps, other threads (the event loop) having the GIL in between."""
     head = {name: getattr(ex, name) for name in Exchange.__slots__ if name not in _BODY_FIELDS}
     # No secret on disk: headers and URL redacted here as in the record; bodies too when they are
     # not content-encoded (a compressed body is stored as it came: the deliverer redacts it).
@@ -203,17 +243,29 @@ def pack(ex: Exchange, options: dict) -> Packed:
     request = bytes(ex.request_body or b"")
     if request and _identity(ex.request_headers):
         request = redact_raw(request, [len(request)], stream=False, redactor=redactor)[0]
-    ends, total = [], 0
-    for piece in ex.pieces:
-        total += len(piece)
-        ends.append(total)
-    response = b"".join(ex.pieces)
+    pieces, times = ex.pieces, ex.piece_times
+    keep_times = len(times) == len(pieces)
+    ends, piece_times = array("Q"), array("d")
+    for at in _steps(len(pieces), PIECES_STEP):
+        ends.extend(islice(accumulate(map(len, pieces[at:at + PIECES_STEP]), initial=ends[-1] if ends else 0), 1, None))
+        if keep_times:
+            piece_times.extend(times[at:at + PIECES_STEP])
+    big = len(pieces) > 1 and ends[-1] > SLICE
+    response = b"".join(pieces) if joined or not big else UnjoinedBody(pieces, ends)  # (one piece: no copy)
     if response and _identity(ex.response_headers):
         response, ends = redact_raw(response, ends, stream=ex.stream, redactor=redactor)
-    times = ex.piece_times if len(ex.piece_times) == len(ends) else ()
     # ASCII JSON: header values may hold lone surrogates (mitmproxy's escapes), kept exactly
-    return Packed(ex.trace_id, json.dumps(head, ensure_ascii=True, separators=(",", ":")).encode("ascii"),
-                  request, response, array("Q", ends).tobytes(), array("d", times).tobytes())
+    ends = ends if isinstance(ends, array) else array("Q", ends)
+    return Packed(ex.trace_id, _HEAD_JSON(head).encode("ascii"), request, response, ends.tobytes(),
+                  piece_times.tobytes())
+
+
+def _steps(n: int, step: int) -> Iterator[int]:
+    """range(0, n, step), the GIL left to other threads (the proxy's event loop) between steps."""
+    for at in range(0, n, step):
+        if at:
+            time.sleep(0)
+        yield at
 
 
 def _identity(headers: list[tuple[str, str]]) -> bool:
@@ -328,16 +380,13 @@ class Spool:
                                           (item.trace_id, now)).rowcount:
                             skipped += 1
                             continue
-                        db.execute(
-                            f"INSERT INTO exchanges (trace_id, created, next_attempt, size, {RAW}) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (item.trace_id, now, now, item.size, *item[1:]),
-                        )
+                        _insert(db, item, now)
                         added += 1
-                    dropped = self._trim(db)
+                    count, size, seen = db.execute(_BOUNDS_NOW).fetchone()
+                    dropped = self._trim(db, count, size)
                     if dropped:
                         _bump(db, "dropped", dropped)
-                    extra = _counter(db, "seen") - SEEN_MAX
+                    extra = seen - SEEN_MAX
                     if extra > 0:
                         db.execute("DELETE FROM seen WHERE trace_id IN (SELECT trace_id FROM seen ORDER BY at LIMIT ?)",
                                    (extra,))
@@ -534,8 +583,7 @@ class Spool:
             raise SpoolClosed(f"the outbox {self.path} is closed")
         return self._db
 
-    def _trim(self, db: sqlite3.Connection) -> int:
-        count, size = _counter(db, "pending"), _counter(db, "pending_bytes")
+    def _trim(self, db: sqlite3.Connection, count: int, size: int) -> int:
         if count <= self.max_records and size <= self.max_bytes:
             return 0
         victims: list[int] = []
@@ -644,6 +692,25 @@ def _read_big_bodies(db: sqlite3.Connection, row: tuple) -> tuple | None:
     except sqlite3.OperationalError:
         return None
     return tuple(row)
+
+
+def _insert(db: sqlite3.Connection, item: Packed, now: float) -> None:
+    """One exchange into `exchanges`. Up to a slice, its values are bound (SQLite copies them,
+    holding the GIL). A bigger one is written as zero-filled BLOBs (the last columns with data,
+    so SQLite does not build the row in memory) that are then filled a slice at a time: the GIL
+    is free while each slice is written, and the whole body is never copied at once."""
+    sql = f"INSERT INTO exchanges (trace_id, created, next_attempt, size, {RAW}) VALUES (?, ?, ?, ?, ?, "
+    if item.size <= SLICE:
+        db.execute(sql + "?, ?, ?, ?)", (item.trace_id, now, now, item.size, item.head, *map(bytes, item[2:])))
+        return
+    rowid = db.execute(sql + "zeroblob(?), zeroblob(?), zeroblob(?), zeroblob(?))",
+                       (item.trace_id, now, now, item.size, item.head, *map(len, item[2:]))).lastrowid
+    for column, value in zip(_BLOBS, item[2:]):
+        if len(value):
+            view = value if isinstance(value, UnjoinedBody) else memoryview(value)
+            with db.blobopen("exchanges", column, rowid) as blob:
+                for at in range(0, len(view), SLICE):
+                    blob.write(view[at:at + SLICE])
 
 
 class _transaction:

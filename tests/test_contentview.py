@@ -411,8 +411,9 @@ def test_addon_loads_the_view(tracer):
 
 
 def test_traced_flows_carry_what_the_view_computes_its_timing_from(tracer):
-    """The addon leaves the trace id, the provider and the teed pieces (sizes, and the tap's own
-    list of arrival times); the view computes from them the timing the record has."""
+    """The addon leaves the trace id, the provider and the teed pieces (sizes, and a copy of the
+    tap's list of arrival times, which the spool writer empties once stored); the view computes
+    from them the timing the record has."""
     t, _ = tracer
     raw = (STREAMS / "openai_chat/basic.sse").read_bytes()
     flow = streamed(t, raw, pieces=10)
@@ -422,7 +423,7 @@ def test_traced_flows_carry_what_the_view_computes_its_timing_from(tracer):
     assert flow.metadata["r4u.provider"] == "openai"
     pieces = flow.metadata["r4u.pieces"]
     tap = flow.response.stream
-    assert pieces["times"] is tap.times and len(tap.times) == 10  # a reference, not a copy
+    assert pieces["times"] == tap.times and pieces["times"] is not tap.times and len(tap.times) == 10
     assert pieces["started"] == flow.request.timestamp_start
     assert b"".join(raw[sum(pieces["sizes"][:n]):sum(pieces["sizes"][:n + 1])] for n in range(10)) == raw
     assert sum(pieces["sizes"]) == len(raw) == len(flow.response.raw_content)

@@ -209,6 +209,29 @@ def test_long_texts_are_prechecked_in_windows_that_cut_no_key_out(monkeypatch):
             assert DEFAULTS.event_stream(stream) == hidden(stream, '"S1"'), (key, pad)
 
 
+def test_a_body_still_in_pieces_is_prechecked_as_the_joined_one(monkeypatch):
+    """The spool writer pre-checks a big stream without joining it: its windows are slices of
+    the pieces, and a key is found wherever the pieces and the windows cut it; only then is the
+    body joined and redacted."""
+    from array import array
+    from itertools import accumulate
+
+    from r4u_mitm.spool import UnjoinedBody
+
+    monkeypatch.setattr(redact, "WINDOW", 16)
+    keys = ['"api_key"', '"\\u0061\\u0070\\u0069\\u005f\\u006b\\u0065\\u0079"', '"secret"' + " " * 40]
+    for key in keys:
+        for pad in range(40):
+            body = event_stream('{"messages": "' + "x" * pad + '", ' + key + ': "S1"}').encode()
+            for size in (1, 3, 7):
+                pieces = [body[i:i + size] for i in range(0, len(body), size)]
+                ends = array("Q", accumulate(map(len, pieces)))
+                out, moved = redact.redact_raw(UnjoinedBody(pieces, ends), ends, stream=True, redactor=DEFAULTS)
+                assert out == hidden(body.decode(), '"S1"').encode() and moved[-1] == len(out), (key, pad, size)
+    clean = UnjoinedBody([b"data: ", CHUNK.encode(), b"\n\n"], [6, 6 + len(CHUNK), 8 + len(CHUNK)])
+    assert redact.redact_raw(clean, clean.ends, stream=True, redactor=DEFAULTS) == (clean, clean.ends)
+
+
 def test_extra_names_match_as_the_defaults_do():
     custom = body_redactor(("session_ticket", "myToken", "", " _ "))
     body = ('{"session_ticket":"S1","SessionTicket":"S2","session-ticket":"S3","my_token":"S4","MYTOKEN":"S5",'

@@ -451,3 +451,83 @@ def test_a_compressed_body_is_stored_as_it_came(path):
         (row,) = box.claim(1)
     assert row.response_body == ex.pieces[0]  # not decoded in the proxy: the deliverer redacts it
     assert json.loads(build(row))["response"] == '{"api_key":"[REDACTED]"}'
+
+
+def big_stream(trace_id: str, events: int, secret: bytes = b"", piece: int = 37) -> Exchange:
+    """A streamed exchange of `events` events in pieces of `piece` bytes (bigger than a slice when
+    `SLICE` is small), its request a single big body; `secret` in one event, cut across pieces."""
+    ex = exchange(trace_id, 5000)
+    ex.request_body = b'{"messages": "' + b"q" * 5000 + b'"}'
+    raw = b"".join(b'data: {"choices":[{"delta":{"content":"w%d"}}]}\n\n' % i for i in range(events))
+    if secret:
+        raw += b'data: {"choices":[],"client_secret":{"value":"' + secret + b'"}}\n\n'
+    ex.response_headers = [("content-type", "text/event-stream")]
+    ex.stream, ex.pieces = True, [raw[i:i + piece] for i in range(0, len(raw), piece)]
+    ex.piece_times = [10.0 + i / 1000 for i in range(len(ex.pieces))]
+    return ex
+
+
+def test_pieces_slice_as_the_joined_body_does():
+    from array import array
+    from itertools import accumulate
+
+    pieces = [bytes([65 + i % 26]) * (i % 5 + 1) for i in range(40)]
+    body, joined = spool_module.UnjoinedBody(pieces, array("Q", accumulate(map(len, pieces)))), b"".join(pieces)
+    assert len(body) == len(joined) and bytes(body) == joined
+    for start in range(0, len(joined) + 2):
+        for stop in range(start - 1, len(joined) + 3):
+            assert body[start:stop] == joined[start:stop], (start, stop)
+    assert body[-7:] == joined[-7:] and len(spool_module.UnjoinedBody([], array("Q"))) == 0
+
+
+def test_a_big_exchange_is_written_a_slice_at_a_time_from_its_pieces(path, monkeypatch):
+    """The proxy's writer: a stream bigger than a slice is stored from its pieces, unjoined, and a
+    big request in slices; the row is the one the joined exchange gives, to the byte."""
+    monkeypatch.setattr(spool_module, "SLICE", 1000)
+    monkeypatch.setattr(spool_module, "PIECES_STEP", 7)
+    ex = big_stream("t1", 300)
+    packed = pack(ex, OPTIONS, joined=False)
+    assert isinstance(packed.response_body, spool_module.UnjoinedBody) and packed.response_body.pieces is ex.pieces
+    joined = pack(ex, OPTIONS)
+    with Spool(path) as box:
+        assert box.append([packed]) == (1, 0, 0)
+        (row,) = box.claim(1)
+    assert (row.head, row.request_body, row.response_body, row.piece_ends, row.piece_times) == joined[1:]
+    back, options = unpack(row)
+    assert back == ex and options == OPTIONS
+
+
+def test_a_secret_in_a_big_stream_never_reaches_the_disk(path, monkeypatch):
+    from r4u_mitm.pure import redact
+
+    monkeypatch.setattr(spool_module, "SLICE", 1000)
+    monkeypatch.setattr(redact, "WINDOW", 500)  # the pre-check's windows cut the pieces elsewhere
+    secret = b"sk-SECRET-big-0042"
+    ex = big_stream("t1", 300, secret)
+    with Spool(path) as box:
+        box.append([pack(ex, OPTIONS, joined=False)])
+        (row,) = box.claim(1)
+    assert secret not in b"".join(p.read_bytes() for p in path.parent.iterdir())
+    back, _ = unpack(row)
+    assert b"".join(back.pieces) == b"".join(ex.pieces).replace(b'{"value":"' + secret + b'"}', b'"[REDACTED]"')
+    assert len(back.pieces) == len(ex.pieces) and back.piece_times == ex.piece_times
+
+
+def test_a_big_stream_is_stored_without_a_copy_of_it_in_memory(path):
+    """No join of the pieces, no copy bound to the statement, no row built in memory by SQLite:
+    storing a 48 MB stream (in pieces of an event's size) raises the process's peak memory by a small
+    part of that."""
+    code = (
+        "import sys; from r4u_mitm.spool import Spool, pack; from tests.test_spool import big_stream, OPTIONS\n"
+        "def hwm():\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) // 1024\n"
+        f"box = Spool({str(path)!r}); box.append([pack(big_stream('small', 10), OPTIONS, joined=False)])\n"
+        "ex = big_stream('t1', 1_000_000, piece=300)\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # the peak so far: what is held now\n"
+        "before = hwm(); box.append([pack(ex, OPTIONS, joined=False)])\n"
+        "print(sum(map(len, ex.pieces)) // 2**20, hwm() - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)),
+                         capture_output=True, text=True, check=True).stdout
+    body_mb, grown_mb = map(int, out.split())
+    assert body_mb >= 40 and grown_mb < body_mb / 3, out  # a copy would be all of it

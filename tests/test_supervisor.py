@@ -7,8 +7,9 @@ import threading
 
 from r4u_mitm.proxy import supervisor
 from r4u_mitm.proxy.tap import Budget
-from r4u_mitm.spool import read_stats
-from tests.test_spool import OPTIONS, exchange
+from r4u_mitm.spool import Spool, read_stats
+from tests.harness import wait_for
+from tests.test_spool import OPTIONS, big_stream, exchange
 
 
 def writer(path, budget=None, **bounds) -> tuple[supervisor.SpoolWriter, threading.Event]:
@@ -28,6 +29,38 @@ def test_exchanges_are_stored_and_their_budget_released(tmp_path):
     assert w.close(10)
     assert stored.is_set() and budget.used == 0
     assert read_stats(tmp_path / "s.sqlite")["pending"] == 3 and w.lost == 0
+
+
+def test_exchanges_in_a_burst_share_one_transaction_and_one_wake_up(tmp_path, monkeypatch):
+    """A lone exchange is stored on its own; one close behind the last batch waits for those
+    that follow it, even those that come after the writer took it."""
+    monkeypatch.setattr(supervisor, "BURST", 60.0)
+    monkeypatch.setattr(supervisor, "GATHER", 0.5)
+    wakes = []
+    w = supervisor.SpoolWriter(tmp_path / "s.sqlite", max_records=100, max_bytes=1 << 30, budget=Budget(1 << 30),
+                               on_stored=lambda: wakes.append(read_stats(tmp_path / "s.sqlite")["pending"]))
+    w.append(exchange("t0"), OPTIONS)
+    wait_for(lambda: wakes, what="the lone exchange stored")
+    w.append(exchange("t1"), OPTIONS)
+    wait_for(w._queue.empty, what="t1 taken by the writer")
+    w.append(exchange("t2"), OPTIONS)
+    assert w.close(10)
+    assert wakes == [1, 3]
+
+
+def test_a_stored_exchange_is_let_go_at_once_its_pieces_a_slice_at_a_time(tmp_path, monkeypatch):
+    """Not when the next exchange comes: the writer empties the pieces and times it was handed
+    (a slice at a time, the GIL to the event loop in between) as soon as they are stored."""
+    monkeypatch.setattr(supervisor, "FREE_STEP", 7)
+    w, stored = writer(tmp_path / "s.sqlite")
+    ex = big_stream("t1", 100)
+    pieces, times, body, n = ex.pieces, ex.piece_times, b"".join(ex.pieces), len(ex.pieces)
+    w.append(ex, OPTIONS)
+    wait_for(lambda: stored.is_set() and not pieces and not times, what="the pieces let go")
+    with Spool(tmp_path / "s.sqlite") as box:
+        (row,) = box.claim(1)
+    assert row.response_body == body and len(row.piece_ends) == len(row.piece_times) == 8 * n
+    assert w.close(10)
 
 
 def test_a_full_spool_drops_the_oldest_and_says_so(tmp_path, caplog):

@@ -91,6 +91,21 @@ def test_chat_stream_is_traced_whole_and_app_gets_same_bytes(openai_client, r4u,
     assert meta["ttft_ms"] is not None and meta["ttfb_ms"] <= meta["ttft_ms"] <= meta["duration_ms"]
 
 
+def test_a_stream_of_megabytes_is_traced_whole(openai_client, r4u, tag):
+    """Stored from its pieces a slice at a time, never joined in the proxy: the trace is the
+    stream the app got, byte for byte."""
+    with openai_client.chat.completions.with_streaming_response.create(
+        model="gpt-4o-mini", messages=CHAT, stream=True, extra_headers=headers(tag, synth=20000),
+    ) as response:
+        received = b"".join(response.iter_bytes())
+    assert len(received) > 4 * 1024 * 1024 and received.endswith(b"data: [DONE]\n\n")
+    (trace,) = traces_for(r4u, tag, timeout=60)
+    assert trace["response"] == received.decode()
+    meta = trace["metadata"]
+    assert meta["stream_complete"] is True and meta["events"] == received.count(b"\n\n") == 20003
+    assert meta["response_bytes"] == len(received)
+
+
 def test_sdk_stream_hangs_up_after_done_and_trace_is_complete(openai_client, r4u, tag):
     stream = openai_client.chat.completions.create(
         model="gpt-4o-mini", messages=CHAT, stream=True, extra_headers=headers(tag, stream="openai_chat/basic.sse"),

@@ -119,7 +119,9 @@ def _error_message(flow: http.HTTPFlow) -> str | None:
 
 
 def _pairs(headers) -> list[tuple[str, str]]:
-    return list(headers.items(multi=True))
+    """`headers.items(multi=True)` as a list, decoded as mitmproxy decodes them, in half its time
+    (on the event loop, for every traced exchange)."""
+    return [(k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape")) for k, v in headers.fields]
 
 
 def pop_tags(headers) -> dict[str, str]:

@@ -36,7 +36,7 @@ import json
 import re
 import time
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from json.decoder import scanstring
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -80,6 +80,7 @@ _JSON_START = re.compile(r"[ \t\n\r]*[{\[]")
 _LINE_END = re.compile(r"[\r\n]")
 _CUT = re.compile(r"[^ \t\n\r]{2}")  # a key match spans such a pair only within `"name":`
 _CUT_BYTES = re.compile(_CUT.pattern.encode())
+_CUT_SPAN = 4096  # characters searched for a cut at a time (one is nearly always within the first two)
 # A key holding a \u escape, which may spell a secret name; matched from its last escape.
 _ESCAPED_KEY = re.compile(r'\\u[0-9a-f]{4}(?:[^"\\]|\\[^u])*"[ \t\n\r]*:')
 _ESCAPED_KEY_BYTES = re.compile(_ESCAPED_KEY.pattern.encode())
@@ -177,26 +178,26 @@ class BodyRedactor:
         out.append(text[last:])
         return "".join(out)
 
-    def suspect(self, body: str | bytes) -> bool:
+    def suspect(self, body) -> bool:
         """Whether a body may hold a secret key: False for nearly every body, cheaply. It is read
         as lowercased UTF-8: the bytes the text was decoded from, when the caller has them (where
         they did not decode, the text has U+FFFD, in no key name), else the text encoded again
         (a text with one character beyond Latin-1 is held in two or four bytes a character:
-        encoding it costs more than reading it). A long body is read a window at a time, other
-        threads (the proxy's event loop) having the GIL in between; each window is cut between
-        two non-blank characters and starts `_reach` early, so a key cut by one is whole in the
-        next."""
-        cut = _CUT_BYTES if isinstance(body, bytes) else _CUT
-        start = 0
-        while start < len(body):
-            found = cut.search(body, start + WINDOW)
-            end = found.start() + 1 if found else len(body)
+        encoding it costs more than reading it), or a body still in pieces (any sized object
+        whose slices are bytes: the spool's `UnjoinedBody`). A long body is read a window at a time,
+        other threads (the proxy's event loop) having the GIL in between; each window is cut
+        between two non-blank characters and starts `_reach` early, so a key cut by one is whole
+        in the next."""
+        cut = _CUT if isinstance(body, str) else _CUT_BYTES
+        start, size = 0, len(body)
+        while start < size:
+            end = _cut_after(body, start + WINDOW, size, cut)
             window = body[max(0, start - self._reach):end]
-            low = (window if isinstance(window, bytes) else window.encode("utf-8", "surrogatepass")).lower()
+            low = (window.encode("utf-8", "surrogatepass") if isinstance(window, str) else window).lower()
             if self._gate.search(low[::-1]) or (_BACKSLASH in low and _ESCAPED_KEY_BYTES.search(low)):
                 return True
             start = end
-            if start < len(body):
+            if start < size:
                 time.sleep(0)
         return False
 
@@ -302,6 +303,17 @@ class BodyRedactor:
         return spans
 
 
+def _cut_after(body, at: int, size: int, cut: re.Pattern) -> int:
+    """Where `body` (of `size`) is first cut between two non-blank characters at or after `at`
+    (see `suspect`), or its end; read a little at a time (a slice of a body in pieces is a join)."""
+    while at < size:
+        found = cut.search(body[at:at + _CUT_SPAN])
+        if found:
+            return at + found.start() + 1
+        at += _CUT_SPAN - 1  # a pair across the slice's end is in the next
+    return size
+
+
 def _splice(text: str, spans: list[tuple[int, int]]) -> str:
     if not spans:
         return text
@@ -364,13 +376,15 @@ def _pattern(names: list[list[str | None]], backwards: bool = False) -> str:
     return emit(root)
 
 
-def redact_raw(body: bytes, ends: list[int], *, stream: bool, redactor: BodyRedactor) -> tuple[bytes, list[int]]:
+def redact_raw(body, ends: Sequence[int], *, stream: bool, redactor: BodyRedactor) -> tuple[bytes, Sequence[int]]:
     """A raw (not content-encoded) body as the spool stores it: the values of secret members
     replaced, `ends` (where each piece of it ended) moved with the bytes. A body without a
-    secret-looking key comes back as it is, after the cheap pre-check only. A piece that ended
+    secret-looking key comes back as it is, after the cheap pre-check only: bytes, or a body
+    still in pieces (see `suspect`), joined only when it holds such a key. A piece that ended
     inside a line that changed ends where that line now ends."""
     if not redactor.suspect(body):
         return body, ends
+    body = bytes(body)
     text = body.decode("utf-8", "surrogateescape")
     new = redactor.event_stream(text) if stream else redactor.json(text)
     if new == text:
