@@ -56,6 +56,7 @@ BURST = 0.015            # seconds between two wake-ups that make a burst (a lon
 COMMIT_GATHER = 0.02     # seconds outcomes pile up before one transaction writes them
 BATCH = 64
 NICENESS = 10           # added to the deliverer's nice value: the proxy's flows come first
+KEEPALIVE = 5.0         # seconds an idle connection to R4U is kept (httpx's default)
 INLINE_BUILD = 64 * 1024  # bytes of bodies up to which a record is built on the loop (well under 1 ms)
 
 
@@ -127,6 +128,36 @@ class _ChannelHandler(logging.Handler):
             pass
 
 
+def _client(base_url: str, opts: argparse.Namespace, headers: dict, timeout):
+    """The one httpx client of a deliverer: direct connections only (never through the proxy, or
+    any proxy, by env), no redirects, one connection more than posts in flight (the probe's).
+    Its transport is httpx's own over an httpcore pool on `aionet`'s asyncio streams (httpx takes
+    no network backend: the pool is made here, with the options httpx would give it); a TLS
+    context only for an https R4U (the system's CAs cost 20 ms of a start). R4U sets no cookies
+    to send back: none are looked for (httpx would parse each answer's headers for them)."""
+    import httpcore
+    import httpx
+
+    from r4u_mitm.delivery import aionet
+
+    class Transport(httpx.AsyncHTTPTransport):
+        def __init__(self, pool: httpcore.AsyncConnectionPool) -> None:  # noqa: D107 - httpx's, but this pool
+            self._pool = pool
+
+    class NoCookies(httpx.Cookies):
+        def extract_cookies(self, response) -> None:
+            pass
+
+    tls = endpoint.ssl_context(opts.ca_file) if base_url.lower().startswith("https:") else None
+    client = httpx.AsyncClient(headers=headers, timeout=timeout, trust_env=False, follow_redirects=False,
+                               transport=Transport(httpcore.AsyncConnectionPool(
+                                   ssl_context=tls, max_connections=opts.in_flight + 1,
+                                   max_keepalive_connections=opts.in_flight + 1, keepalive_expiry=KEEPALIVE,
+                                   network_backend=aionet.Backend())))
+    client._cookies = NoCookies()
+    return client
+
+
 class Worker:
     """Delivery of one spool, once its lock is held."""
 
@@ -167,14 +198,9 @@ class Worker:
         import httpx  # here, once the lock is held: a deliverer standing by stays light
 
         self.httpx = httpx
-        # Direct connections only (never through the proxy, or any proxy, by env); no redirects.
-        # One connection more than posts in flight: the probe's. A post gets its own deadline.
-        self.client = httpx.AsyncClient(
-            headers=headers, timeout=self._timeout(opts.timeout), verify=endpoint.ssl_context(opts.ca_file),
-            trust_env=False, follow_redirects=False,
-            limits=httpx.Limits(max_connections=opts.in_flight + 1, max_keepalive_connections=opts.in_flight + 1))
+        self.client = _client(self.base_url, opts, headers, self._timeout(opts.timeout))  # a post: its own deadline
         # A post's URL and headers, merged once: `client.post` merges them again for every
-        # record (~50 µs, 5 % of the deliverer's CPU). R4U sets no cookies to send back.
+        # record (~50 µs, 5 % of the deliverer's CPU).
         template = self.client.build_request("POST", self.post_url, headers=JSON_BODY)
         del template.headers["Content-Length"]  # each record's own, from its body
         self.post_template = template
@@ -385,7 +411,8 @@ class Worker:
             post = self.post_template
             response = await self.client.send(self.httpx.Request(
                 "POST", post.url, headers=post.headers, content=body,
-                extensions={"timeout": self._timeout(deadline).as_dict()}))
+                extensions={"timeout": self._timeout(deadline).as_dict()}), stream=True)
+            await self._read(response)
         except (self.httpx.TransportError, OSError, ssl.SSLError) as exc:
             error = self._describe(exc, deadline)
             if await self._late_answer_alone(exc):  # a big record, a slow link or parse: a longer deadline later
@@ -430,6 +457,20 @@ class Worker:
             log.warning("r4u-mitm: R4U %s trace %s (%s); it was moved to the dead-letter table of %s "
                         "(%d so far this run)", what, row.trace_id, reason, self.spool.path, self.poisoned)
         self._tell(row.trace_id, "dead-lettered", reason)
+
+    @staticmethod
+    async def _read(response) -> None:
+        """R4U's answer read to its end (the connection is kept for the next post); its body
+        kept only when it says why R4U did not take the record. A 2xx's (the stored trace,
+        as long as the record) is read raw, past httpx's decoders: nothing looks at it."""
+        try:
+            if response.is_success:
+                async for _ in response.aiter_raw():
+                    pass
+            else:
+                await response.aread()
+        finally:
+            await response.aclose()
 
     async def _late_answer_alone(self, exc: BaseException) -> bool:
         """A post failed without an answer: was it that record's alone? Yes when R4U took it
