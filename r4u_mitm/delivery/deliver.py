@@ -43,7 +43,7 @@ from r4u_mitm import endpoint, wake
 from r4u_mitm.delivery import policy
 from r4u_mitm.pure import record
 from r4u_mitm.pure.recordjson import encode_record
-from r4u_mitm.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_RECORDS, Row, Spool, SpoolClosed, unpack
+from r4u_mitm.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_RECORDS, Row, Spool, SpoolBusy, SpoolClosed, unpack
 
 log = logging.getLogger("r4u_mitm")
 
@@ -58,6 +58,7 @@ BATCH = 64
 NICENESS = 10           # added to the deliverer's nice value: the proxy's flows come first
 KEEPALIVE = 5.0         # seconds an idle connection to R4U is kept (httpx's default)
 INLINE_BUILD = 64 * 1024  # bytes of bodies up to which a record is built on the loop (well under 1 ms)
+INLINE_SPOOL = 256 * 1024  # bytes of exchanges up to which a claim or an outcome is written on the loop
 
 
 def encode(rec: dict) -> bytes:
@@ -169,6 +170,7 @@ class Worker:
         self.base_url, self.post_url, self.probe_url = endpoint.traces_urls(opts.r4u_url)
         self.shown_url = endpoint.safe_url(self.base_url)
         self.db = ThreadPoolExecutor(1, thread_name_prefix="r4u-spool")
+        self.db_jobs = 0  # calls queued for or running in the spool's thread
         self.builder = ThreadPoolExecutor(1, thread_name_prefix="r4u-build")
         self.loop = asyncio.get_running_loop()
         self.wake = _Signal()
@@ -176,6 +178,7 @@ class Worker:
         self.posted = asyncio.Event()
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=BATCH)
         self.results: tuple[list, list, list, list] = ([], [], [], [])  # Spool.settle's, in its order
+        self.results_bytes = 0  # the size of the exchanges they settle
         self.results_ready = asyncio.Event()
         self.in_flight = 0
         self.pause_until = 0.0
@@ -210,7 +213,17 @@ class Worker:
         return self.httpx.Timeout(answer, connect=self.opts.connect_timeout, pool=None)
 
     async def _db(self, fn, *args):
-        return await self.loop.run_in_executor(self.db, fn, *args)
+        self.db_jobs += 1
+        try:
+            return await self.loop.run_in_executor(self.db, fn, *args)
+        finally:
+            self.db_jobs -= 1
+
+    def _inline(self, size: int) -> bool:
+        """Whether spool work on `size` bytes of exchanges runs here, on the loop: when small
+        and the spool's thread is idle (its lock free). A trip to that thread and back costs
+        more than a small claim or outcome (two of them were a sixth of a lone record's CPU)."""
+        return size <= INLINE_SPOOL and not self.db_jobs
 
     # Running --------------------------------------------------------------------------------------
 
@@ -283,7 +296,7 @@ class Worker:
                 return
             woken = self.wake.event
             try:
-                rows, due = await self._db(self._claim)
+                rows, due = await self._claim()
             except SpoolClosed:
                 return
             except Exception as exc:  # noqa: BLE001 - a broken spool must not end delivery
@@ -309,11 +322,20 @@ class Worker:
                     await asyncio.sleep(WAKE_GATHER)
                 self.woke_at = now
 
-    def _claim(self) -> tuple[list[Row], float | None]:
-        """(Due exchanges, when the next unclaimed one is due) in one trip to the spool's thread.
-        A short batch took every due one: no second claim to find none (a lone record's
-        thread trips were a third of its CPU); one appended since wakes us."""
-        rows = self.spool.claim(BATCH)
+    async def _claim(self) -> tuple[list[Row], float | None]:
+        """(Due exchanges, when the next unclaimed one is due): read on the loop when small, else
+        in one trip to the spool's thread. A short batch took every due one: no second claim
+        to find none; one appended since wakes us."""
+        if self.db_jobs:
+            return await self._db(self._take, None)
+        due = self.spool.due(BATCH)
+        ids = [rowid for rowid, _ in due]
+        if self._inline(sum(size for _, size in due)):
+            return self._take(ids)
+        return await self._db(self._take, ids)
+
+    def _take(self, ids: list[int] | None) -> tuple[list[Row], float | None]:
+        rows = self.spool.claim(BATCH) if ids is None else self.spool.take(ids)
         return rows, (None if len(rows) == BATCH else self.spool.next_due())
 
     async def _post_loop(self) -> None:
@@ -327,7 +349,7 @@ class Worker:
                 await self._post(row)
             except Exception as exc:  # noqa: BLE001 - one exchange must not stop the others
                 self._internal_error("posting a trace", exc)
-                self._add(1, (row.id, time.time() + 5.0, policy.describe(exc)))
+                self._add(1, (row.id, time.time() + 5.0, policy.describe(exc)), row)
 
     async def _gate(self) -> bool:
         """Wait while the deliverer backs off; probe R4U before going on when it was unreachable.
@@ -402,7 +424,7 @@ class Worker:
             if n <= 10 or n % 1000 == 0:
                 log.error("r4u-mitm: error building a trace record (trace %s) (%d so far; kept raw in the "
                           "dead-letter table of %s): %s", row.trace_id, n, self.spool.path, policy.describe(exc))
-            self._add(2, (row.id, None, reason))
+            self._add(2, (row.id, None, reason), row)
             self._tell(row.trace_id, "dead-lettered", reason)
             return
         deadline = policy.answer_deadline(len(body), row.attempts, self.opts.timeout)
@@ -419,10 +441,10 @@ class Worker:
                 delay = policy.backoff(row.attempts + 1, random.random(), self.opts.retry_base, self.opts.retry_cap)
                 self.last_error = error
                 self._dirty()
-                self._add(1, (row.id, time.time() + delay, error))
+                self._add(1, (row.id, time.time() + delay, error), row)
                 self._tell(row.trace_id, f"retrying ({error})")
                 return
-            self._add(1, (row.id, time.time(), error))  # due again as soon as R4U answers
+            self._add(1, (row.id, time.time(), error), row)  # due again as soon as R4U answers
             self._unreachable(error)
             self._pause(None)
             self._tell(row.trace_id, "waiting for R4U")
@@ -437,7 +459,7 @@ class Worker:
         self._answered()
         if decision.action == "delivered":
             self.failures = 0
-            self._add(0, row.id)
+            self._add(0, row.id, row)
             self._tell(row.trace_id, "delivered")
             return
         reason = policy.rejection_reason(status, response.reason_phrase, response.content)
@@ -446,11 +468,11 @@ class Worker:
         if decision.action == "retry":
             if decision.misconfigured:
                 self._misconfigured(status, reason)
-            self._add(3 if decision.failed else 1, (row.id, time.time() + decision.delay, reason))
+            self._add(3 if decision.failed else 1, (row.id, time.time() + decision.delay, reason), row)
             self._pause(decision.pause)
             self._tell(row.trace_id, f"retrying ({reason})")
             return
-        self._add(2, (row.id, status, reason))
+        self._add(2, (row.id, status, reason), row)
         self.poisoned += 1
         if self.poisoned <= 10 or self.poisoned % 100 == 0:
             what = f"failed {row.failures + 1} times on" if status >= 500 else "refused"
@@ -496,8 +518,9 @@ class Worker:
 
     # Outcomes -------------------------------------------------------------------------------------
 
-    def _add(self, kind: int, item) -> None:
+    def _add(self, kind: int, item, row: Row) -> None:
         self.results[kind].append(item)
+        self.results_bytes += row.size
         self.results_ready.set()
 
     async def _commit_loop(self) -> None:
@@ -520,13 +543,24 @@ class Worker:
 
     async def _commit(self) -> bool:
         batch, self.results = self.results, ([], [], [], [])
+        size, self.results_bytes = self.results_bytes, 0
         if any(batch):
             try:
-                await self._db(self.spool.settle, *batch)
+                if not (not batch[2] and self._inline(size) and self._settle_now(batch)):
+                    await self._db(self.spool.settle, *batch)  # dead letters copy the exchanges
             except Exception as exc:  # noqa: BLE001 - the exchanges stay pending: sent again later
                 self._internal_error("writing delivery outcomes to the outbox", exc)
         await self._save_state()
         return bool(batch[1] or batch[3])
+
+    def _settle_now(self, batch) -> bool:
+        """Outcomes written here, unless a proxy is writing to the spool (then False: the
+        spool's thread waits for it, not the loop)."""
+        try:
+            self.spool.settle(*batch, wait=False)
+        except SpoolBusy:
+            return False
+        return True
 
     async def _save_state(self, running: bool = True) -> None:
         if not self.state_dirty:
