@@ -142,8 +142,8 @@ def _client(base_url: str, opts: argparse.Namespace, headers: dict, timeout):
     from r4u_mitm.delivery import aionet
 
     class Transport(httpx.AsyncHTTPTransport):
-        def __init__(self, pool: httpcore.AsyncConnectionPool) -> None:  # noqa: D107 - httpx's, but this pool
-            self._pool = pool
+        def __init__(self, pool: httpcore.AsyncConnectionPool) -> None:
+            self._pool = pool  # all that httpx's transport keeps; test_aionet checks that it is used
 
     class NoCookies(httpx.Cookies):
         def extract_cookies(self, response) -> None:
@@ -720,7 +720,8 @@ def main(argv: list[str] | None = None) -> int:
     opts.outbox = opts.outbox or [os.environ.get("R4U_OUTBOX") or str(DEFAULT_OUTBOX)]
     try:
         endpoint.check_api_url(opts.r4u_url.strip())
-        endpoint.ssl_context(opts.ca_file)
+        if opts.ca_file:  # the system's store cannot be wrong: loaded only for an https R4U
+            endpoint.ssl_context(opts.ca_file)
     except endpoint.SetupError as exc:
         print(f"r4u-mitm deliver: --{exc.setting.replace('_', '-').replace('api-url', 'r4u-url')}: {exc}", file=sys.stderr)
         return 2
