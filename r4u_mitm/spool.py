@@ -33,8 +33,8 @@ from typing import NamedTuple
 from r4u_mitm.pure.record import Exchange
 from r4u_mitm.pure.redact import body_redactor, redact_pairs, redact_raw, redact_url
 
-__all__ = ["Spool", "SpoolBusy", "SpoolClosed", "SpoolError", "Packed", "pack", "unpack", "read_stats", "read_dead_letters",
-           "DEFAULT_MAX_RECORDS", "DEFAULT_MAX_BYTES"]
+__all__ = ["Spool", "SpoolBusy", "SpoolClosed", "SpoolError", "Packed", "pack", "unpack", "read_stats",
+           "read_dead_letters", "DEFAULT_MAX_RECORDS", "DEFAULT_MAX_BYTES"]
 
 # Sized for a day of heavy use on a laptop: ~100k exchanges, ~10 KB each on average, with
 # room for some large streams, before anything is dropped.
