@@ -35,7 +35,7 @@ from typing import NamedTuple
 from r4u_mitm.pure.record import Exchange, Pieces
 from r4u_mitm.pure.redact import body_redactor, redact_pairs, redact_raw, redact_url
 
-__all__ = ["Spool", "SpoolClosed", "SpoolError", "Packed", "UnjoinedBody", "pack", "unpack", "read_stats",
+__all__ = ["Spool", "SpoolBusy", "SpoolClosed", "SpoolError", "Packed", "UnjoinedBody", "pack", "unpack", "read_stats",
            "read_dead_letters", "DEFAULT_MAX_RECORDS", "DEFAULT_MAX_BYTES"]
 
 # Sized for a day of heavy use on a laptop: ~100k exchanges, ~10 KB each on average, with
@@ -47,6 +47,7 @@ SCHEMA_VERSION = 3
 REASON_MAX = 200
 ERROR_MAX = 200
 SEEN_MAX = 100_000  # trace ids remembered (the most recent)
+BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another connection's transaction
 COUNTERS = ("delivered", "retried", "dead_lettered", "dropped")
 # Running totals kept by triggers, so bounds and stats are O(1) and exact for every connection.
 TOTALS = ("pending", "pending_bytes", "dead_letter", "dead_letter_bytes", "seen")
@@ -166,6 +167,10 @@ class SpoolClosed(RuntimeError):
     """The spool was closed; open a new one on the same file."""
 
 
+class SpoolBusy(RuntimeError):
+    """Another connection is writing to the spool (raised instead of waiting, when asked to)."""
+
+
 class Packed(NamedTuple):
     """One exchange as the spool stores it."""
 
@@ -194,6 +199,10 @@ class Row(NamedTuple):
     response_body: bytes
     piece_ends: bytes
     piece_times: bytes
+
+    @property
+    def size(self) -> int:
+        return sum(map(len, self[4:]))  # the exchange's columns, as `Packed.size` counts them
 
 
 _BODY_FIELDS = frozenset({"pieces", "piece_times", "request_body"})
@@ -323,7 +332,7 @@ class Spool:
         except sqlite3.Error as exc:
             raise SpoolError(f"cannot open {self.path}: {exc}") from exc
         try:
-            db.execute("PRAGMA busy_timeout = 10000")
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             # Someone else's database is left as it is (before any PRAGMA below changes it);
             # one statement, one snapshot: another process may be creating our schema right now.
             if db.execute("SELECT (SELECT user_version FROM pragma_user_version) = 0 "
@@ -397,19 +406,32 @@ class Spool:
     def claim(self, limit: int, now: float | None = None) -> list[Row]:
         """Up to `limit` due exchanges (`next_attempt <= now`), the longest-waiting first. They
         are not handed out again until settled or released."""
+        return self.take([rowid for rowid, _ in self.due(limit, now)])
+
+    def due(self, limit: int, now: float | None = None) -> list[tuple[int, int]]:
+        """(rowid, size) of up to `limit` unclaimed due exchanges, the longest-waiting first: what
+        `claim` would take, without reading the exchanges (the caller sees how big they are)."""
         now = time.time() if now is None else now
         with self._lock:
-            db = self._conn()
-            # One row for the ids (group_concat): each row fetched is a GIL round trip, which
-            # is slow when the event loop's thread is busy.
-            (found,) = db.execute(
-                "SELECT group_concat(id) FROM "
-                "(SELECT id FROM exchanges WHERE next_attempt <= ? ORDER BY next_attempt, id LIMIT ?)",
+            # One row for all (group_concat): each row fetched is a GIL round trip, which is
+            # slow when the event loop's thread is busy. Both lists come from one scan, in its order.
+            ids, sizes = self._conn().execute(
+                "SELECT group_concat(id), group_concat(size) FROM (SELECT id, size FROM exchanges "
+                "WHERE next_attempt <= ? ORDER BY next_attempt, id LIMIT ?)",
                 (now, limit + len(self._claimed)),
             ).fetchone()
-            ids = [rowid for rowid in map(int, found.split(",")) if rowid not in self._claimed][:limit] if found else []
             if not ids:
                 return []
+            return [(rowid, size) for rowid, size in zip(map(int, ids.split(",")), map(int, sizes.split(",")))
+                    if rowid not in self._claimed][:limit]
+
+    def take(self, rowids: Sequence[int]) -> list[Row]:
+        """Claim these exchanges (from `due`): those still pending and unclaimed, in that order."""
+        with self._lock:
+            ids = [rowid for rowid in rowids if rowid not in self._claimed]
+            if not ids:
+                return []
+            db = self._conn()
             rows = {row[0]: row for row in db.execute(
                 f"SELECT id, trace_id, attempts, failures, {_CLAIMED} FROM exchanges WHERE id IN ({_marks(len(ids))})",
                 ids)}
@@ -426,23 +448,31 @@ class Spool:
     def settle(self, delivered: Iterable[int] = (),
                retry: Iterable[tuple[int, float, str]] = (),
                dead: Iterable[tuple[int, int | None, str]] = (),
-               failed: Iterable[tuple[int, float, str]] = ()) -> None:
+               failed: Iterable[tuple[int, float, str]] = (), *, wait: bool = True) -> None:
         """Record what became of claimed records, in one transaction:
         `delivered` rowids are deleted (counted in `delivered`); `retry` items
         `(rowid, next_attempt, error)` are tried again from `next_attempt` (wall clock; attempts+1,
         counted in `retried`); `failed` items, the same, are records R4U failed on (failures+1
         too: the deliverer caps those); `dead` items `(rowid, http_status, reason)` move to the
         dead-letter table (counted in `dead_lettered`). The rowids are no longer claimed
-        afterwards, even if this fails (then they are simply delivered again later)."""
+        afterwards, even if this fails (then they are simply delivered again later).
+        Not `wait`: SpoolBusy at once, nothing changed, when another connection is writing."""
         delivered, retry, dead, failed = list(delivered), list(retry), list(dead), list(failed)
         touched = set(delivered) | {r[0] for r in retry} | {d[0] for d in dead} | {f[0] for f in failed}
         if not touched:
             return
         now = time.time()
         with self._lock:
+            busy = False
             try:
                 db = self._conn()
-                with _transaction(db):
+                if not wait:
+                    try:
+                        _begin_now(db)
+                    except SpoolBusy:
+                        busy = True  # nothing changed: they stay claimed, for a settle that waits
+                        raise
+                with _transaction(db, begun=not wait):
                     if delivered:
                         for chunk in _chunks(delivered):  # one statement per chunk, not per row
                             db.execute(f"DELETE FROM exchanges WHERE id IN ({_marks(len(chunk))})", chunk)
@@ -468,7 +498,8 @@ class Spool:
                         self._trim_dead(db)
                 self._maybe_vacuum(db)
             finally:
-                self._claimed.difference_update(touched)
+                if not busy:
+                    self._claimed.difference_update(touched)
 
     def release(self, rowids: Iterable[int] | None = None) -> None:
         """Forget claims (all of them when `rowids` is None): those records can be claimed again."""
@@ -714,21 +745,37 @@ def _insert(db: sqlite3.Connection, item: Packed, now: float) -> None:
 
 
 class _transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error (the connection is in autocommit mode)."""
+    """BEGIN IMMEDIATE (unless `begun`) ... COMMIT, or ROLLBACK on error (the connection is in
+    autocommit mode)."""
 
-    __slots__ = ("db",)
+    __slots__ = ("db", "begun")
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, begun: bool = False) -> None:
         self.db = db
+        self.begun = begun
 
     def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        if not self.begun:
+            self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.db.execute("COMMIT")
         elif self.db.in_transaction:
             self.db.execute("ROLLBACK")
+
+
+def _begin_now(db: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE without waiting: SpoolBusy when another connection holds the write lock."""
+    db.execute("PRAGMA busy_timeout = 0")
+    try:
+        db.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            raise
+        raise SpoolBusy(str(exc)) from None
+    finally:
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
 def _statements(script: str) -> list[str]:

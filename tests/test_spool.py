@@ -15,7 +15,7 @@ import pytest
 from r4u_mitm import spool as spool_module
 from r4u_mitm.delivery.deliver import build
 from r4u_mitm.pure.record import Exchange, build_record
-from r4u_mitm.spool import Spool, SpoolClosed, SpoolError, pack, read_dead_letters, read_stats, unpack
+from r4u_mitm.spool import Spool, SpoolBusy, SpoolClosed, SpoolError, pack, read_dead_letters, read_stats, unpack
 
 OPTIONS = {"max_body_bytes": 1 << 20, "redact": []}
 
@@ -154,6 +154,39 @@ def test_claims_oldest_first_and_never_twice_until_settled_or_released(path):
         assert trace_ids(box.claim(10)) == ["t1"]
         box.release()
         assert len(box.claim(10)) == 5
+
+
+def test_due_tells_what_a_claim_would_take_and_take_claims_it(path):
+    with Spool(path) as box:
+        put(box, 1)
+        put(box, 2, size=50_000)
+        put(box, 3)
+        due = box.due(2)
+        rows = box.take([rowid for rowid, _ in due])
+        assert trace_ids(rows) == ["t1", "t2"] and [size for _, size in due] == [row.size for row in rows]
+        assert due[1][1] > 50_000 > due[0][1]
+        assert box.take([rowid for rowid, _ in due]) == []  # claimed: not handed out twice
+        assert trace_ids(box.take([rowid for rowid, _ in box.due(10)])) == ["t3"] and box.due(10) == []
+
+
+def test_a_settle_that_must_not_wait_says_busy_while_another_connection_writes(path):
+    with Spool(path) as box:
+        put(box, 1, 2)
+        rows = box.claim(10)
+        other = sqlite3.connect(path, isolation_level=None)  # a proxy in the middle of an append
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(SpoolBusy):
+                box.settle(delivered=[rows[0].id], wait=False)
+            assert box.stats()["claimed"] == 2  # nothing changed: still claimed
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        box.settle(delivered=[rows[0].id], wait=False)
+        assert box._conn().execute("PRAGMA busy_timeout").fetchone()[0] == spool_module.BUSY_TIMEOUT_MS  # others wait
+        box.settle(delivered=[rows[1].id])
+        stats = box.stats()
+        assert (stats["pending"], stats["delivered"], stats["claimed"]) == (0, 2, 0)
 
 
 def test_delivered_records_are_deleted_and_counted(path):

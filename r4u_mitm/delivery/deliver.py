@@ -43,7 +43,7 @@ from r4u_mitm import endpoint, wake
 from r4u_mitm.delivery import policy
 from r4u_mitm.pure import record
 from r4u_mitm.pure.recordjson import Streamed, encode_record, is_big
-from r4u_mitm.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_RECORDS, Row, Spool, SpoolClosed, unpack
+from r4u_mitm.spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_RECORDS, Row, Spool, SpoolBusy, SpoolClosed, unpack
 
 log = logging.getLogger("r4u_mitm")
 
@@ -56,10 +56,12 @@ BURST = 0.015            # seconds between two wake-ups that make a burst (a lon
 COMMIT_GATHER = 0.02     # seconds outcomes pile up before one transaction writes them
 BATCH = 64
 NICENESS = 10           # added to the deliverer's nice value: the proxy's flows come first
+KEEPALIVE = 5.0         # seconds an idle connection to R4U is kept (httpx's default)
 INLINE_BUILD = 64 * 1024  # bytes of bodies up to which a record is built on the loop (well under 1 ms)
 # Bytes of bodies from which a record is streamed (`content`): measuring it first costs 1-3 ms a
 # MB; below, the memory saved is a few MB.
 STREAM_ABOVE = 4 * 1024 * 1024
+INLINE_SPOOL = 256 * 1024  # bytes of exchanges up to which a claim or an outcome is written on the loop
 
 
 def encode(rec: dict) -> bytes:
@@ -91,14 +93,19 @@ def _record(row: Row) -> dict | None:
 
 
 async def _answer(response) -> bytes:
-    """R4U's answer to a post, as far as its reason is read (`policy.ANSWER_READ`): a 201 echoes
-    the whole record, which would double a big one's memory. The rest of a longer one is not
-    read: its connection is closed instead (cheaper than reading it through)."""
-    kept = bytearray()
+    """What of R4U's answer to a post is kept: the body of a refusal (it says why), at most
+    `policy.ANSWER_READ`. A 2xx's (the stored trace, as long as the record) is read raw, past
+    httpx's decoders, and dropped: nothing looks at it. An answer is read to its end, which keeps
+    the connection for the next post, unless it is longer than that: then the connection is
+    closed instead (a 201 echoing a big record costs less so)."""
+    kept, read = bytearray(), 0
     try:
-        async for chunk in response.aiter_bytes():
-            kept += chunk
-            if len(kept) > policy.ANSWER_READ:
+        refusal = not response.is_success
+        async for chunk in (response.aiter_bytes() if refusal else response.aiter_raw()):
+            read += len(chunk)
+            if refusal:
+                kept += chunk
+            if read > policy.ANSWER_READ:
                 break
     finally:
         await response.aclose()
@@ -168,6 +175,36 @@ class _ChannelHandler(logging.Handler):
             pass
 
 
+def _client(base_url: str, opts: argparse.Namespace, headers: dict, timeout):
+    """The one httpx client of a deliverer: direct connections only (never through the proxy, or
+    any proxy, by env), no redirects, one connection more than posts in flight (the probe's).
+    Its transport is httpx's own over an httpcore pool on `aionet`'s asyncio streams (httpx takes
+    no network backend: the pool is made here, with the options httpx would give it); a TLS
+    context only for an https R4U (the system's CAs cost 20 ms of a start). R4U sets no cookies
+    to send back: none are looked for (httpx would parse each answer's headers for them)."""
+    import httpcore
+    import httpx
+
+    from r4u_mitm.delivery import aionet
+
+    class Transport(httpx.AsyncHTTPTransport):
+        def __init__(self, pool: httpcore.AsyncConnectionPool) -> None:
+            self._pool = pool  # all that httpx's transport keeps; test_aionet checks that it is used
+
+    class NoCookies(httpx.Cookies):
+        def extract_cookies(self, response) -> None:
+            pass
+
+    tls = endpoint.ssl_context(opts.ca_file) if base_url.lower().startswith("https:") else None
+    client = httpx.AsyncClient(headers=headers, timeout=timeout, trust_env=False, follow_redirects=False,
+                               transport=Transport(httpcore.AsyncConnectionPool(
+                                   ssl_context=tls, max_connections=opts.in_flight + 1,
+                                   max_keepalive_connections=opts.in_flight + 1, keepalive_expiry=KEEPALIVE,
+                                   network_backend=aionet.Backend())))
+    client._cookies = NoCookies()
+    return client
+
+
 class Worker:
     """Delivery of one spool, once its lock is held."""
 
@@ -179,6 +216,7 @@ class Worker:
         self.base_url, self.post_url, self.probe_url = endpoint.traces_urls(opts.r4u_url)
         self.shown_url = endpoint.safe_url(self.base_url)
         self.db = ThreadPoolExecutor(1, thread_name_prefix="r4u-spool")
+        self.db_jobs = 0  # calls queued for or running in the spool's thread
         self.builder = ThreadPoolExecutor(1, thread_name_prefix="r4u-build")
         self.loop = asyncio.get_running_loop()
         self.wake = _Signal()
@@ -186,6 +224,7 @@ class Worker:
         self.posted = asyncio.Event()
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=BATCH)
         self.results: tuple[list, list, list, list] = ([], [], [], [])  # Spool.settle's, in its order
+        self.results_bytes = 0  # the size of the exchanges they settle
         self.results_ready = asyncio.Event()
         self.in_flight = 0
         self.pause_until = 0.0
@@ -208,14 +247,9 @@ class Worker:
         import httpx  # here, once the lock is held: a deliverer standing by stays light
 
         self.httpx = httpx
-        # Direct connections only (never through the proxy, or any proxy, by env); no redirects.
-        # One connection more than posts in flight: the probe's. A post gets its own deadline.
-        self.client = httpx.AsyncClient(
-            headers=headers, timeout=self._timeout(opts.timeout), verify=endpoint.ssl_context(opts.ca_file),
-            trust_env=False, follow_redirects=False,
-            limits=httpx.Limits(max_connections=opts.in_flight + 1, max_keepalive_connections=opts.in_flight + 1))
+        self.client = _client(self.base_url, opts, headers, self._timeout(opts.timeout))  # a post: its own deadline
         # A post's URL and headers, merged once: `client.post` merges them again for every
-        # record (~50 µs, 5 % of the deliverer's CPU). R4U sets no cookies to send back.
+        # record (~50 µs, 5 % of the deliverer's CPU).
         template = self.client.build_request("POST", self.post_url, headers=JSON_BODY)
         del template.headers["Content-Length"]  # each record's own, from its body
         self.post_template = template
@@ -225,7 +259,17 @@ class Worker:
         return self.httpx.Timeout(answer, connect=self.opts.connect_timeout, pool=None)
 
     async def _db(self, fn, *args):
-        return await self.loop.run_in_executor(self.db, fn, *args)
+        self.db_jobs += 1
+        try:
+            return await self.loop.run_in_executor(self.db, fn, *args)
+        finally:
+            self.db_jobs -= 1
+
+    def _inline(self, size: int) -> bool:
+        """Whether spool work on `size` bytes of exchanges runs here, on the loop: when small
+        and the spool's thread is idle (its lock free). A trip to that thread and back costs
+        more than a small claim or outcome (two of them were a sixth of a lone record's CPU)."""
+        return size <= INLINE_SPOOL and not self.db_jobs
 
     # Running --------------------------------------------------------------------------------------
 
@@ -298,7 +342,7 @@ class Worker:
                 return
             woken = self.wake.event
             try:
-                rows, due = await self._db(self._claim)
+                rows, due = await self._claim()
             except SpoolClosed:
                 return
             except Exception as exc:  # noqa: BLE001 - a broken spool must not end delivery
@@ -324,11 +368,20 @@ class Worker:
                     await asyncio.sleep(WAKE_GATHER)
                 self.woke_at = now
 
-    def _claim(self) -> tuple[list[Row], float | None]:
-        """(Due exchanges, when the next unclaimed one is due) in one trip to the spool's thread.
-        A short batch took every due one: no second claim to find none (a lone record's
-        thread trips were a third of its CPU); one appended since wakes us."""
-        rows = self.spool.claim(BATCH)
+    async def _claim(self) -> tuple[list[Row], float | None]:
+        """(Due exchanges, when the next unclaimed one is due): read on the loop when small, else
+        in one trip to the spool's thread. A short batch took every due one: no second claim
+        to find none; one appended since wakes us."""
+        if self.db_jobs:
+            return await self._db(self._take, None)
+        due = self.spool.due(BATCH)
+        ids = [rowid for rowid, _ in due]
+        if self._inline(sum(size for _, size in due)):
+            return self._take(ids)
+        return await self._db(self._take, ids)
+
+    def _take(self, ids: list[int] | None) -> tuple[list[Row], float | None]:
+        rows = self.spool.claim(BATCH) if ids is None else self.spool.take(ids)
         return rows, (None if len(rows) == BATCH else self.spool.next_due())
 
     async def _post_loop(self) -> None:
@@ -342,7 +395,7 @@ class Worker:
                 await self._post(row)
             except Exception as exc:  # noqa: BLE001 - one exchange must not stop the others
                 self._internal_error("posting a trace", exc)
-                self._add(1, (row.id, time.time() + 5.0, policy.describe(exc)))
+                self._add(1, (row.id, time.time() + 5.0, policy.describe(exc)), row)
 
     async def _gate(self) -> bool:
         """Wait while the deliverer backs off; probe R4U before going on when it was unreachable.
@@ -417,7 +470,7 @@ class Worker:
             if n <= 10 or n % 1000 == 0:
                 log.error("r4u-mitm: error building a trace record (trace %s) (%d so far; kept raw in the "
                           "dead-letter table of %s): %s", row.trace_id, n, self.spool.path, policy.describe(exc))
-            self._add(2, (row.id, None, reason))
+            self._add(2, (row.id, None, reason), row)
             self._tell(row.trace_id, "dead-lettered", reason)
             return
         deadline = policy.answer_deadline(len(body), row.attempts, self.opts.timeout)
@@ -437,10 +490,10 @@ class Worker:
                 delay = policy.backoff(row.attempts + 1, random.random(), self.opts.retry_base, self.opts.retry_cap)
                 self.last_error = error
                 self._dirty()
-                self._add(1, (row.id, time.time() + delay, error))
+                self._add(1, (row.id, time.time() + delay, error), row)
                 self._tell(row.trace_id, f"retrying ({error})")
                 return
-            self._add(1, (row.id, time.time(), error))  # due again as soon as R4U answers
+            self._add(1, (row.id, time.time(), error), row)  # due again as soon as R4U answers
             self._unreachable(error)
             self._pause(None)
             self._tell(row.trace_id, "waiting for R4U")
@@ -455,7 +508,7 @@ class Worker:
         self._answered()
         if decision.action == "delivered":
             self.failures = 0
-            self._add(0, row.id)
+            self._add(0, row.id, row)
             self._tell(row.trace_id, "delivered")
             return
         reason = policy.rejection_reason(status, response.reason_phrase, answer)
@@ -464,11 +517,11 @@ class Worker:
         if decision.action == "retry":
             if decision.misconfigured:
                 self._misconfigured(status, reason)
-            self._add(3 if decision.failed else 1, (row.id, time.time() + decision.delay, reason))
+            self._add(3 if decision.failed else 1, (row.id, time.time() + decision.delay, reason), row)
             self._pause(decision.pause)
             self._tell(row.trace_id, f"retrying ({reason})")
             return
-        self._add(2, (row.id, status, reason))
+        self._add(2, (row.id, status, reason), row)
         self.poisoned += 1
         if self.poisoned <= 10 or self.poisoned % 100 == 0:
             what = f"failed {row.failures + 1} times on" if status >= 500 else "refused"
@@ -500,8 +553,9 @@ class Worker:
 
     # Outcomes -------------------------------------------------------------------------------------
 
-    def _add(self, kind: int, item) -> None:
+    def _add(self, kind: int, item, row: Row) -> None:
         self.results[kind].append(item)
+        self.results_bytes += row.size
         self.results_ready.set()
 
     async def _commit_loop(self) -> None:
@@ -524,13 +578,24 @@ class Worker:
 
     async def _commit(self) -> bool:
         batch, self.results = self.results, ([], [], [], [])
+        size, self.results_bytes = self.results_bytes, 0
         if any(batch):
             try:
-                await self._db(self.spool.settle, *batch)
+                if not (not batch[2] and self._inline(size) and self._settle_now(batch)):
+                    await self._db(self.spool.settle, *batch)  # dead letters copy the exchanges
             except Exception as exc:  # noqa: BLE001 - the exchanges stay pending: sent again later
                 self._internal_error("writing delivery outcomes to the outbox", exc)
         await self._save_state()
         return bool(batch[1] or batch[3])
+
+    def _settle_now(self, batch) -> bool:
+        """Outcomes written here, unless a proxy is writing to the spool (then False: the
+        spool's thread waits for it, not the loop)."""
+        try:
+            self.spool.settle(*batch, wait=False)
+        except SpoolBusy:
+            return False
+        return True
 
     async def _save_state(self, running: bool = True) -> None:
         if not self.state_dirty:
@@ -696,7 +761,8 @@ def main(argv: list[str] | None = None) -> int:
     opts.outbox = opts.outbox or [os.environ.get("R4U_OUTBOX") or str(DEFAULT_OUTBOX)]
     try:
         endpoint.check_api_url(opts.r4u_url.strip())
-        endpoint.ssl_context(opts.ca_file)
+        if opts.ca_file:  # the system's store cannot be wrong: loaded only for an https R4U
+            endpoint.ssl_context(opts.ca_file)
     except endpoint.SetupError as exc:
         print(f"r4u-mitm deliver: --{exc.setting.replace('_', '-').replace('api-url', 'r4u-url')}: {exc}", file=sys.stderr)
         return 2
