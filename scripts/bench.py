@@ -30,9 +30,13 @@ connection hangs; a real upstream keeps its address, so this is the faithful set
 
 Ratios are taken within the run (the machine may be noisy: the report says how much CPU other
 processes used meanwhile); long phases are repeated in a rotated order and medians reported. The
-fakes run as child processes so that their work does not take the measuring client's GIL. With 2+ CPUs each proxy is pinned to one CPU and the client and the fakes
-to another (`--no-pin`: let the scheduler choose); a proxy's delivery process shares its proxy's CPU
-(it runs niced), or the client's with `--deliverer-core client`. Measurement only: nothing here asserts a time.
+fakes run as child processes so that their work does not take the measuring client's GIL. With 2+
+CPUs each proxy is pinned to one CPU and the client and the fake OpenAI to another (`--no-pin`: let
+the scheduler choose); a proxy's delivery process shares its proxy's CPU (it runs under SCHED_IDLE),
+or the client's with `--deliverer-core client`. The fake R4U of parts A and B stands for a backend
+on another machine: it runs under SCHED_IDLE on any CPU, so its parsing of records takes only time
+that neither the proxy nor the client wants (pinned beside the client, it slowed the client's side
+of "R4U up" only). Measurement only: nothing here asserts a time.
 Traffic stays on 127.0.0.1; every loop is bounded; every child is killed on exit (also Ctrl-C).
 """
 
@@ -401,6 +405,7 @@ def serve_r4u(port: int, log: str) -> int:
     completed_at, its X-R4U-Setup / X-R4U-Phase tags and size. Keeps no records (memory)."""
     from tests.fakes.r4u import FakeR4U
 
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # another machine's CPU: see the docstring
     out = open(log, "a", buffering=1)
     fake: FakeR4U
 
@@ -659,7 +664,6 @@ class Bench:
         self.r4u_log = R4ULog(self.tmp / "r4u-received.jsonl")
         self.r4u = self.children.spawn([py, str(Path(__file__).resolve()), "_r4u", "--port", str(self.r4u_port),
                                         "--log", str(self.r4u_log.path)], self.tmp / "r4u.log", "ready")
-        pin(self.r4u.pid, self.pin_rest)
         self.down_port = free_port()  # nobody listens there: R4U is down
 
     def new_proxy(self, name: str, workdir: Path | None = None):
@@ -678,7 +682,7 @@ class Bench:
                          args=args)
         self.children.proxy(m)
         pin(m.proc.pid, self.pin_proxy)
-        if name != "plain":  # its delivery process: on the proxy's core (it is niced) or beside the client
+        if name != "plain":  # its delivery process: on the proxy's core (SCHED_IDLE) or beside the client
             deadline = time.monotonic() + 10
             while not descendants(m.proc.pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -1596,7 +1600,8 @@ def write_markdown(path: Path, text: str, rows, targets, meta: dict, args, runti
           "streams, in its own process) → the setup → a lean `httpx.AsyncClient` that counts events "
           "(`\\n\\n`, also across reads) as their bytes arrive. **direct**: no proxy. **plain**: `mitmdump "
           "--set stream_large_bodies=1`, no addon — the fair baseline, since the addon streams too. "
-          "**addon**: plus `-s r4u_mitm/addon.py` and a healthy fake R4U (own process). **R4U down**: the "
+          "**addon**: plus `-s r4u_mitm/addon.py` and a healthy fake R4U (own process, standing for a backend on "
+          "another machine: it runs under SCHED_IDLE). **R4U down**: the "
           "addon posting to a port nobody listens on. Through a proxy the client asks for the fake's own "
           "address (`r4u_hosts=127.0.0.1:PORT=openai`): rerouting `api.openai.com` with "
           "`tests/fakes/route.py` defeats mitmproxy's upstream connection reuse (see the module docstring "
@@ -1721,7 +1726,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-pin", action="store_true", help="do not pin the proxy and the rest to separate CPUs")
     ap.add_argument("--deliverer-core", choices=("proxy", "client"), default="proxy",
                     help="where A and B pin a proxy's delivery process: on the proxy's CPU (default: it runs "
-                         "niced, in the proxy's gaps, so the tracer's whole cost stays on one core) or on the "
+                         "under SCHED_IDLE, in the proxy's gaps, so the tracer's whole cost stays on one core) or on the "
                          "client's and the fakes' CPU")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: c, d")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, outboxes)")
@@ -1746,7 +1751,8 @@ def main(argv: list[str] | None = None) -> int:
     meta["command"] = " ".join(["scripts/bench", *map(shlex.quote, argv)])
     bench = Bench(prof, args, children, tmp)
     meta["pinning"] = (f"each proxy on CPU 1, its delivery process on CPU {1 if args.deliverer_core == 'proxy' else 0}, "
-                       "the client and the fakes on CPU 0; in C, "
+                       "the client and the fake OpenAI on CPU 0, the fake R4U on any CPU under SCHED_IDLE "
+                       "(the delivery process too); in C, "
                        "the deliverer on CPU 1 and the fake R4U on CPU 0" if bench.pin_proxy else "none (the scheduler's choice)")
     c = d = None
     load: dict = {}
