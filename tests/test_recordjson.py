@@ -39,12 +39,13 @@ TEXTS = [
 ]
 
 
+@pytest.mark.parametrize("long", [0, 5, recordjson.LONG])
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 64, recordjson.SLICE])
 @pytest.mark.parametrize("text", TEXTS)
-def test_slices_splice_into_the_same_bytes(size, text):
+def test_slices_splice_into_the_same_bytes(size, text, long):
     record = {"request": text * 5, "response": "é😀" + text * 11, "metadata": {"model": text, "n": [1, 2.5]},
               "error": None}
-    with mock.patch.object(recordjson, "SLICE", size):
+    with mock.patch.object(recordjson, "SLICE", size), mock.patch.object(recordjson, "LONG", long):
         assert encode_record(record) == reference(record)
 
 
@@ -102,10 +103,32 @@ records = st.dictionaries(st.text(characters, max_size=8) | st.sampled_from(["re
 
 
 @settings(max_examples=400, deadline=None)
-@given(record=records | st.dictionaries(st.integers() | st.none(), values, max_size=3), size=st.integers(1, 20))
-def test_any_record_same_bytes(record, size):
-    with mock.patch.object(recordjson, "SLICE", size):
+@given(record=records | st.dictionaries(st.integers() | st.none(), values, max_size=3), size=st.integers(1, 20),
+       long=st.integers(0, 30))
+def test_any_record_same_bytes(record, size, long):
+    with mock.patch.object(recordjson, "SLICE", size), mock.patch.object(recordjson, "LONG", long):
         assert encode_record(record) == reference(record)
+
+
+# A long string escaped from its UTF-8 bytes (read as Latin-1) ----------------------------------------
+
+escaped_texts = st.text(st.characters(exclude_categories=()) | st.sampled_from(
+    ['"', "\\", "\n", "\r", "\t", "\b", "\f", "\x00", "\x1f", "\x7f", "\x80", "\xff", "\u2028", "\u2029",
+     "\ufeff", "\U0001f600", "\ud800", "\udfff"]))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(text=escaped_texts)
+def test_a_string_escaped_from_its_bytes_is_what_json_dumps_gives(text):
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: the record goes as ensure_ascii=True
+        record = {"request": "{}", "response": text, "error": None}
+        with mock.patch.object(recordjson, "LONG", 0):
+            assert encode_record(record) == reference(record)
+            assert encode_record(record) == json.dumps(record, separators=(",", ":")).encode("ascii")
+        return
+    assert recordjson._utf8_string(data) == json.dumps(text, ensure_ascii=False).encode("utf-8")
 
 
 # Utf8Text: a big body kept as its UTF-8 bytes, valid or not ----------------------------------------
