@@ -302,8 +302,8 @@ class R4UTracer:
         """Put a teed stream back into the flow when someone will look at it: mitmweb or the
         console (their `view` addon), a `save_stream_file`, or anyone once `store_streamed_bodies`
         is set; with its pieces' sizes and arrival times, from which the SSE view computes the
-        time to first token (a copy of the tap's list of times, whose floats it shares: the spool
-        writer empties the tap's lists once they are stored). mitmdump alone drops
+        time to first token (a copy of the tap's times, as a list for a saved flow: the spool
+        writer empties the tap's pieces and times once they are stored). mitmdump alone drops
         flows, so there it would only cost a copy of the body on the event loop. With
         `store_streamed_bodies` mitmproxy keeps the body itself, but only of a response that
         ended well (not when the client hung up): then it is there already."""

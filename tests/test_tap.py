@@ -8,7 +8,7 @@ def test_passes_every_piece_unchanged_and_keeps_it_with_its_time():
     assert [tap(p) is p for p in pieces] == [True, True, True]
     assert tap(b"") == b""
     assert tap.pieces == pieces
-    assert tap.times == [1, 2, 3]
+    assert tap.times.tolist() == [1, 2, 3]
     assert tap.ended_at == 4
     assert tap.wire_bytes == tap.kept_bytes == sum(map(len, pieces))
     assert not tap.truncated
@@ -29,7 +29,7 @@ def test_a_failing_clock_never_breaks_the_pass_through():
     tap = Tap(limit=100, clock=broken)
     assert tap(b"data: a\n\n") == b"data: a\n\n"
     assert tap(b"") == b""
-    assert tap.pieces == tap.times == []  # pieces and times stay paired
+    assert tap.pieces == tap.times.tolist() == []  # pieces and times stay paired
 
 
 def test_open_taps_share_one_memory_budget_released_by_the_writer():

@@ -16,8 +16,8 @@ from r4u_mitm.pure.record import Exchange
 TAG_PREFIX = "x-r4u-"
 H2_PEER_CLOSED = "peer closed connection"
 # {"times": [monotonic s], "sizes": [bytes], "clock": wall - monotonic, "started": the request's
-# timestamp_start}: each teed piece of the response body, as it arrived (the times are the tap's
-# own list, not a copy); "started" ties them to this exchange (a replayed flow is another one).
+# timestamp_start}: each teed piece of the response body, as it arrived (a copy of the tap's
+# times, as a list); "started" ties them to this exchange (a replayed flow is another one).
 # Left on flows someone will look at or save (see the addon's `_restore_body`).
 PIECES_KEY = "r4u.pieces"
 NOT_STORED = "response body not kept: streamed without the tracer's tap (stream_large_bodies without store_streamed_bodies, or a tracer fault)"

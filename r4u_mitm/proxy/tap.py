@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from array import array
 from collections.abc import Callable
 
 
@@ -27,7 +28,7 @@ class Tap:
     """A stream callable for mitmproxy (`flow.response.stream = tap`).
 
     It returns every piece unchanged, at once, and keeps a reference to it with its arrival time
-    (monotonic). All decoding happens later, once per exchange, off the event loop: the per-piece
+    (monotonic; in an `array('d')`: 8 bytes a piece where a list of floats takes 32, as fast). All decoding happens later, once per exchange, off the event loop: the per-piece
     cost is an append and a clock read. Pieces beyond `limit` kept bytes, or beyond the shared
     `budget` of all open taps, are passed on but not kept (`truncated`). It never raises: an exception in a stream callable drops the piece for
     the client. If its own work fails (`error` says how, first failure only), it keeps nothing
@@ -40,7 +41,7 @@ class Tap:
 
     def __init__(self, limit: int, budget: Budget | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.pieces: list[bytes] = []
-        self.times: list[float] = []
+        self.times = array("d")
         self.wire_bytes = 0
         self.kept_bytes = 0
         self.limit = limit
@@ -58,8 +59,8 @@ class Tap:
                 budget = self.budget
                 if self.kept_bytes < self.limit and budget.kept - budget.released < budget.limit:
                     at = self._clock()
+                    self.times.append(at)  # first: a clock's odd value fails before the pair is split
                     self.pieces.append(piece)
-                    self.times.append(at)
                     self.kept_bytes += size
                     budget.kept += size
                 else:

@@ -86,7 +86,7 @@ class Exchange:
     headers_at: float | None = None
     stream: bool = False
     pieces: list[bytes] | Pieces = field(default_factory=list)
-    piece_times: list[float] = field(default_factory=list)
+    piece_times: Sequence[float] = field(default_factory=list)  # a tap's or a stored array('d'): indexed, iterated
     wire_bytes: int = 0
     truncated: bool = False
     transport_error: str | None = None
