@@ -176,6 +176,21 @@ def test_big_exchanges_among_small_ones_are_each_delivered_once(fake, box):
     assert sum(len(r["response"]) > 400_000 for r in fake.received) == 11
 
 
+def test_a_backlog_of_big_exchanges_is_claimed_a_few_at_a_time(fake, box):
+    """At most CLAIM_BYTES of exchanges are held (claimed, not yet settled): 6 MB answers two at
+    a time, where the 8 posts in flight would hold 48 MB."""
+    from r4u_mitm.delivery.deliver import CLAIM_BYTES
+
+    big = json.dumps({"choices": [{"message": {"content": "x" * 6_000_000}}]}).encode()
+    assert 2 * len(big) <= CLAIM_BYTES < 3 * len(big)
+    ids = spool_in(box, [exchange(pieces=[big]) for _ in range(6)])
+    fake.slow(0.5)
+    with Deliverer(box, fake.url):
+        until(lambda: stats(box)["delivered"] == 6, what="6 delivered")
+    once_each(fake, ids)
+    assert fake.most_in_flight <= 2
+
+
 def test_the_options_stored_with_an_exchange_are_applied(fake, box):
     ex = exchange(request_headers=[("x-team-secret-thing", "abc"), ("content-type", "application/json")])
     spool_in(box, [ex], {"max_body_bytes": 10, "redact": ["x-team-secret-thing"]})

@@ -55,6 +55,9 @@ WAKE_GATHER = 0.005      # seconds from a wake-up to the claim, in a burst: the 
 BURST = 0.015            # seconds between two wake-ups that make a burst (a lone exchange is claimed at once)
 COMMIT_GATHER = 0.02     # seconds outcomes pile up before one transaction writes them
 BATCH = 64
+# Bytes of exchanges claimed and not yet settled, at most (one exchange whatever its size when
+# none is): a backlog of big streams is read a few at a time, not 64 bodies at once.
+CLAIM_BYTES = 16 * 1024 * 1024
 NICENESS = 10           # added to the deliverer's nice value: the proxy's flows come first
 KEEPALIVE = 5.0         # seconds an idle connection to R4U is kept (httpx's default)
 INLINE_BUILD = 64 * 1024  # bytes of bodies up to which a record is built on the loop (well under 1 ms)
@@ -222,6 +225,7 @@ class Worker:
         self.wake = _Signal()
         self.kick = _Signal()
         self.posted = asyncio.Event()
+        self.held = 0  # bytes of the exchanges claimed and not yet settled (see CLAIM_BYTES)
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=BATCH)
         self.results: tuple[list, list, list, list] = ([], [], [], [])  # Spool.settle's, in its order
         self.results_bytes = 0  # the size of the exchanges they settle
@@ -350,8 +354,13 @@ class Worker:
                 await asyncio.sleep(1.0)
                 continue
             for row in rows:
+                self.held += row.size
                 await self.queue.put(row)
             if len(rows) == BATCH:
+                continue
+            if due is not None and due <= time.time() and self.held:  # more due, past CLAIM_BYTES
+                self.posted.clear()
+                await _wait(self.posted, SAFETY_POLL)
                 continue
             if self._draining():
                 if not rows and self.in_flight == 0 and self.queue.empty():
@@ -374,14 +383,24 @@ class Worker:
         to find none; one appended since wakes us."""
         if self.db_jobs:
             return await self._db(self._take, None)
-        due = self.spool.due(BATCH)
-        ids = [rowid for rowid, _ in due]
-        if self._inline(sum(size for _, size in due)):
+        ids, size = self._pick(self.spool.due(BATCH))
+        if self._inline(size):
             return self._take(ids)
         return await self._db(self._take, ids)
 
+    def _pick(self, due: list[tuple[int, int]]) -> tuple[list[int], int]:
+        """(The ids of the due exchanges to claim now, their bytes): those that fit within
+        CLAIM_BYTES beside what is held; the first one whatever its size when nothing is."""
+        ids, size = [], 0
+        for rowid, row_size in due:
+            if self.held + size + row_size > CLAIM_BYTES and (ids or self.held):
+                break
+            ids.append(rowid)
+            size += row_size
+        return ids, size
+
     def _take(self, ids: list[int] | None) -> tuple[list[Row], float | None]:
-        rows = self.spool.claim(BATCH) if ids is None else self.spool.take(ids)
+        rows = self.spool.take(self._pick(self.spool.due(BATCH))[0] if ids is None else ids)
         return rows, (None if len(rows) == BATCH else self.spool.next_due())
 
     async def _post_loop(self) -> None:
@@ -556,6 +575,8 @@ class Worker:
     def _add(self, kind: int, item, row: Row) -> None:
         self.results[kind].append(item)
         self.results_bytes += row.size
+        self.held -= row.size
+        self.posted.set()  # (a claim waiting for room under CLAIM_BYTES goes on)
         self.results_ready.set()
 
     async def _commit_loop(self) -> None:

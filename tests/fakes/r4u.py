@@ -65,6 +65,7 @@ class FakeR4U:
         self.posts: list[Post] = []
         self.seen: list[tuple[str, str]] = []  # (method, target) of every request, in arrival order
         self.requests = 0                # every request, any method
+        self.in_flight = self.most_in_flight = 0  # requests read and not yet answered: now, at most
         self._lock = threading.Lock()
         self._fail: list[tuple[int, str | None]] = []
         self._hang_until: float | None = None   # monotonic; inf = until cleared
@@ -256,15 +257,20 @@ class FakeR4U:
                 self.requests += 1
                 self.seen.append((method, target))
                 close = headers.get("connection", "").lower() == "close"
-                if not await self._wait_faults(reader, self._delay(method, target, body)):
-                    if method == "POST":
-                        self._note_post(method, target, headers, 0, len(body), _trace_id(_json_or_none(body)))
-                    return  # the client gave up while the request was held
+                self.in_flight += 1  # (this loop's thread alone changes it)
+                self.most_in_flight = max(self.most_in_flight, self.in_flight)
                 try:
-                    status, payload, extra = self._handle(method, target, headers, body)
-                except Exception as exc:  # noqa: BLE001 - a bug of the fake: say it, loudly
-                    status, payload, extra = 500, {"detail": f"fake R4U bug: {exc!r}"}, None
-                await self._answer(writer, status, payload, extra, close=close)
+                    if not await self._wait_faults(reader, self._delay(method, target, body)):
+                        if method == "POST":
+                            self._note_post(method, target, headers, 0, len(body), _trace_id(_json_or_none(body)))
+                        return  # the client gave up while the request was held
+                    try:
+                        status, payload, extra = self._handle(method, target, headers, body)
+                    except Exception as exc:  # noqa: BLE001 - a bug of the fake: say it, loudly
+                        status, payload, extra = 500, {"detail": f"fake R4U bug: {exc!r}"}, None
+                    await self._answer(writer, status, payload, extra, close=close)
+                finally:
+                    self.in_flight -= 1
                 if close:
                     return
         except asyncio.CancelledError:  # the fake stops: end quietly
