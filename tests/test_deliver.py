@@ -191,6 +191,23 @@ def test_a_backlog_of_big_exchanges_is_claimed_a_few_at_a_time(fake, box):
     assert fake.most_in_flight <= 2
 
 
+def _rss_mb(pid: int) -> float:
+    return next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS:")) / 1024
+
+
+def test_a_big_record_is_not_kept_once_posted(fake, box):
+    """Nothing holds a claimed exchange after its post (the last claimed batch was kept until
+    the next wake-up: a 20 MB answer stayed in memory while the deliverer idled)."""
+    spool_in(box, [exchange()])
+    with Deliverer(box, fake.url) as d:
+        until(lambda: stats(box)["delivered"] == 1, what="the small one delivered")
+        at_rest = _rss_mb(d.proc.pid)
+        big = json.dumps({"choices": [{"message": {"content": "x" * 20_000_000}}]}).encode()
+        spool_in(box, [exchange(pieces=[big])])
+        until(lambda: stats(box)["delivered"] == 2, what="the big one delivered")
+        until(lambda: _rss_mb(d.proc.pid) < at_rest + 10, timeout=5, what="its memory given back")
+
+
 def test_the_options_stored_with_an_exchange_are_applied(fake, box):
     ex = exchange(request_headers=[("x-team-secret-thing", "abc"), ("content-type", "application/json")])
     spool_in(box, [ex], {"max_body_bytes": 10, "redact": ["x-team-secret-thing"]})

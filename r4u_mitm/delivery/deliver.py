@@ -353,19 +353,21 @@ class Worker:
                 self._internal_error("claiming traces from the outbox", exc)
                 await asyncio.sleep(1.0)
                 continue
+            claimed = len(rows)
             for row in rows:
                 self.held += row.size
                 await self.queue.put(row)
-            if len(rows) == BATCH:
+            rows = row = None  # the posters have them: not kept while we wait (a big body would stay)
+            if claimed == BATCH:
                 continue
             if due is not None and due <= time.time() and self.held:  # more due, past CLAIM_BYTES
                 self.posted.clear()
                 await _wait(self.posted, SAFETY_POLL)
                 continue
             if self._draining():
-                if not rows and self.in_flight == 0 and self.queue.empty():
+                if not claimed and self.in_flight == 0 and self.queue.empty():
                     return
-                if not rows:
+                if not claimed:
                     self.posted.clear()
                     await _wait(self.posted, 0.1)
                 continue
@@ -415,6 +417,7 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - one exchange must not stop the others
                 self._internal_error("posting a trace", exc)
                 self._add(1, (row.id, time.time() + 5.0, policy.describe(exc)), row)
+            del row  # not kept until the next one comes: a big stream's body would stay in memory
 
     async def _gate(self) -> bool:
         """Wait while the deliverer backs off; probe R4U before going on when it was unreachable.
