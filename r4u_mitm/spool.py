@@ -314,7 +314,7 @@ class Spool:
     """
 
     def __init__(self, path: str | os.PathLike, *, max_records: int = DEFAULT_MAX_RECORDS,
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+                 max_bytes: int = DEFAULT_MAX_BYTES, checkpoint_pages: int | None = None) -> None:
         if max_records <= 0 or max_bytes <= 0:
             raise ValueError("max_records and max_bytes must be positive")
         self.path = Path(path).expanduser()
@@ -345,6 +345,8 @@ class Spool:
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot use WAL on {self.path} (journal_mode={mode})")
             db.execute("PRAGMA synchronous = NORMAL")
+            if checkpoint_pages is not None:  # (SQLite's default: 1000 pages of log, ~4 MB)
+                db.execute(f"PRAGMA wal_autocheckpoint = {int(checkpoint_pages)}")
             with _transaction(db):
                 version = db.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:

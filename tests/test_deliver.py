@@ -208,6 +208,19 @@ def test_a_big_record_is_not_kept_once_posted(fake, box):
         until(lambda: _rss_mb(d.proc.pid) < at_rest + 10, timeout=5, what="its memory given back")
 
 
+def test_the_deliverer_copies_the_proxys_log_into_the_spool(down, box):
+    """Checkpoints cost the proxy's writer a third of storing an exchange: it leaves them to the
+    deliverer (up to 64 MB of log), whose commits make them, also while R4U is down."""
+    from r4u_mitm.proxy.supervisor import CHECKPOINT_PAGES
+
+    with Deliverer(box, down.url) as d, Spool(box, checkpoint_pages=CHECKPOINT_PAGES) as writer:
+        until(lambda: any("R4U" in m for m in d.logs()), what="the deliverer running")
+        before = box.stat().st_size
+        writer.append([pack(exchange(pieces=[b"x" * 8_000_000]), OPTIONS)])
+        assert box.stat().st_size < before + 1_000_000  # in the log only: the writer copied nothing
+        until(lambda: box.stat().st_size > before + 8_000_000, what="the log copied into the spool")
+
+
 def test_the_options_stored_with_an_exchange_are_applied(fake, box):
     ex = exchange(request_headers=[("x-team-secret-thing", "abc"), ("content-type", "application/json")])
     spool_in(box, [ex], {"max_body_bytes": 10, "redact": ["x-team-secret-thing"]})

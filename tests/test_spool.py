@@ -566,3 +566,10 @@ def test_a_big_stream_is_stored_without_a_copy_of_it_in_memory(path):
                          capture_output=True, text=True, check=True).stdout
     body_mb, grown_mb = map(int, out.split())
     assert body_mb >= 40 and grown_mb < body_mb / 3, out  # a copy would be all of it
+
+
+
+def test_a_writer_may_leave_checkpoints_to_another_connection(path):
+    with Spool(path, checkpoint_pages=16384) as writer, Spool(path) as other:
+        assert writer._conn().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 16384
+        assert other._conn().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000

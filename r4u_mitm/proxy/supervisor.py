@@ -36,6 +36,11 @@ BURST = 0.020             # seconds: an exchange this close behind the last batc
 GATHER = 0.010            # ...and waits this long for those behind it (one transaction, commit and wake-up)
 RESTART_FIRST, RESTART_MAX = 1.0, 60.0
 DROP_LOG_EVERY = 10.0     # seconds between two "outbox full" warnings (the count is summed)
+# Copying the write-ahead log into the database (a checkpoint) was a third of what storing an
+# exchange cost this process: SQLite makes it in the connection whose commit finds the log past
+# its limit, so the writer's limit is 64 MB (when no deliverer commits) and the deliverer's the
+# default 4 MB: its commits (outcomes, its state, also while R4U is down) make them.
+CHECKPOINT_PAGES = 16384
 FREE_STEP = 4096          # pieces of a stored exchange freed at a time (~0.3 ms of GIL)
 _STOP = object()
 
@@ -107,7 +112,8 @@ class SpoolWriter:
                     time.sleep(0)  # the GIL to the event loop between two
                 packed.append(pack(exchange, options, joined=False))
             if self._spool is None:
-                self._spool = Spool(self.path, max_records=self.max_records, max_bytes=self.max_bytes)
+                self._spool = Spool(self.path, max_records=self.max_records, max_bytes=self.max_bytes,
+                                    checkpoint_pages=CHECKPOINT_PAGES)
             added, skipped, dropped = self._spool.append(packed)
             self.skipped += skipped
         except Exception as exc:  # noqa: BLE001 - a failed write must not stop the proxy
