@@ -209,7 +209,7 @@ def test_a_big_record_is_not_kept_once_posted(fake, box):
 
 
 def test_the_deliverer_copies_the_proxys_log_into_the_spool(down, box):
-    """Checkpoints cost the proxy's writer a third of storing an exchange: it leaves them to the
+    """Checkpoints cost the proxy's writer a third of storing a big stream: it leaves them to the
     deliverer (up to 64 MB of log), whose commits make them, also while R4U is down."""
     from r4u_mitm.proxy.supervisor import CHECKPOINT_PAGES
 

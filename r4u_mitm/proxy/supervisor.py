@@ -36,8 +36,8 @@ BURST = 0.020             # seconds: an exchange this close behind the last batc
 GATHER = 0.010            # ...and waits this long for those behind it (one transaction, commit and wake-up)
 RESTART_FIRST, RESTART_MAX = 1.0, 60.0
 DROP_LOG_EVERY = 10.0     # seconds between two "outbox full" warnings (the count is summed)
-# Copying the write-ahead log into the database (a checkpoint) was a third of what storing an
-# exchange cost this process: SQLite makes it in the connection whose commit finds the log past
+# Copying the write-ahead log into the database (a checkpoint) was a third of what storing a big
+# stream cost this process: SQLite makes it in the connection whose commit finds the log past
 # its limit, so the writer's limit is 64 MB (when no deliverer commits) and the deliverer's the
 # default 4 MB: its commits (outcomes, its state, also while R4U is down) make them.
 CHECKPOINT_PAGES = 16384
