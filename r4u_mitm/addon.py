@@ -317,8 +317,7 @@ class R4UTracer:
         if flow.response.raw_content is None:
             flow.response.raw_content = b"".join(tap.pieces)
         flow.metadata[PIECES_KEY] = {"times": list(tap.times), "sizes": list(map(len, tap.pieces)),
-                                                 "clock": time.time() - time.monotonic(),
-                                                 "started": flow.request.timestamp_start}
+                                     "clock": time.time() - time.monotonic(), "started": flow.request.timestamp_start}
 
     @guarded
     def _record_unfinished(self, flow: http.HTTPFlow, trace: Trace) -> None:

@@ -1012,8 +1012,9 @@ def sample_exchange(events: int, *, ended_wall: float | None = None, duration: f
 
 def run_c(prof: Profile, children: Children, tmp: Path, pin_sender: set[int] | None,
           pin_rest: set[int] | None, r4u_timed: tuple[int, R4ULog] | None, log) -> dict:
-    from r4u_mitm.delivery.deliver import build, encode
+    from r4u_mitm.delivery.deliver import build
     from r4u_mitm.pure.record import build_record
+    from r4u_mitm.pure.recordjson import encode_record as encode
     from r4u_mitm.spool import Spool, pack
     from tests.harness import free_port
 
@@ -1167,9 +1168,9 @@ def best_of(fn, runs: int = 3) -> float:
 def run_d(prof: Profile, tmp: Path, log) -> dict:
     import tracemalloc
 
-    from r4u_mitm.delivery.deliver import encode
     from r4u_mitm.proxy.tap import Tap
     from r4u_mitm.pure.record import build_record
+    from r4u_mitm.pure.recordjson import encode_record as encode
     from r4u_mitm.pure.sse import SSEDecoder
     from r4u_mitm.spool import Spool, pack
     from tests.fakes.upstream import default_streams_dir, split_events

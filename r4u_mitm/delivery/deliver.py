@@ -67,15 +67,10 @@ STREAM_ABOVE = 4 * 1024 * 1024
 INLINE_SPOOL = 256 * 1024  # bytes of exchanges up to which a claim or an outcome is written on the loop
 
 
-def encode(rec: dict) -> bytes:
-    """The record as it is sent: compact JSON, UTF-8, big strings in slices (see recordjson)."""
-    return encode_record(rec)
-
-
 def build(row: Row) -> bytes:
     """The JSON body to post for a claimed exchange."""
     rec = _record(row)
-    return row.response_body if rec is None else encode(rec)
+    return row.response_body if rec is None else encode_record(rec)
 
 
 def content(row: Row) -> bytes | Streamed:
@@ -85,7 +80,7 @@ def content(row: Row) -> bytes | Streamed:
     if rec is None:
         return row.response_body
     big = len(row.response_body) + len(row.request_body) > STREAM_ABOVE and is_big(rec)
-    return Streamed(rec) if big else encode(rec)
+    return Streamed(rec) if big else encode_record(rec)
 
 
 def _record(row: Row) -> dict | None:
@@ -224,7 +219,7 @@ class Worker:
         self.loop = asyncio.get_running_loop()
         self.wake = _Signal()
         self.kick = _Signal()
-        self.posted = asyncio.Event()
+        self.posted = asyncio.Event()  # set when an exchange's outcome is known (`_add`)
         self.held = 0  # bytes of the exchanges claimed and not yet settled (see CLAIM_BYTES)
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=BATCH)
         self.results: tuple[list, list, list, list] = ([], [], [], [])  # Spool.settle's, in its order
@@ -522,7 +517,6 @@ class Worker:
             return
         finally:
             self.in_flight -= 1
-            self.posted.set()
         status = response.status_code
         decision = policy.decide(status, row.attempts, row.failures, response.headers.get("retry-after"),
                                  max_attempts=self.opts.max_attempts, now=time.time(), draw=random.random(),
@@ -579,7 +573,7 @@ class Worker:
         self.results[kind].append(item)
         self.results_bytes += row.size
         self.held -= row.size
-        self.posted.set()  # (a claim waiting for room under CLAIM_BYTES goes on)
+        self.posted.set()  # (a drain, or a claim waiting for room under CLAIM_BYTES, goes on)
         self.results_ready.set()
 
     async def _commit_loop(self) -> None:

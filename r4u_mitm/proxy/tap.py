@@ -28,12 +28,13 @@ class Tap:
     """A stream callable for mitmproxy (`flow.response.stream = tap`).
 
     It returns every piece unchanged, at once, and keeps a reference to it with its arrival time
-    (monotonic; in an `array('d')`: 8 bytes a piece where a list of floats takes 32, as fast). All decoding happens later, once per exchange, off the event loop: the per-piece
-    cost is an append and a clock read. Pieces beyond `limit` kept bytes, or beyond the shared
-    `budget` of all open taps, are passed on but not kept (`truncated`). It never raises: an exception in a stream callable drops the piece for
-    the client. If its own work fails (`error` says how, first failure only), it keeps nothing
-    more and says `truncated`: the trace then holds the part before the failure and claims
-    nothing about the rest, rather than a body with holes.
+    (monotonic; in an `array('d')`: 8 bytes a piece where a list of floats takes 32, as fast).
+    All decoding happens later, once per exchange, off the event loop: the per-piece cost is an
+    append and a clock read. Pieces beyond `limit` kept bytes, or beyond the shared `budget` of
+    all open taps, are passed on but not kept (`truncated`). It never raises: an exception in a
+    stream callable drops the piece for the client. If its own work fails (`error` says how,
+    first failure only), it keeps nothing more and says `truncated`: the trace then holds the
+    part before the failure and claims nothing about the rest, rather than a body with holes.
     """
 
     __slots__ = ("pieces", "times", "wire_bytes", "kept_bytes", "limit", "truncated", "ended_at", "error",

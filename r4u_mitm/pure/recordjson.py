@@ -162,12 +162,9 @@ def _size(part: bytes | tuple) -> int:
         return sum(map(len, _slices(value, ascii)))
     total = 0
     for piece in _utf8_slices(value.data):
-        if not piece.isascii():
-            try:
-                piece.decode("utf-8")  # valid: decoding with replace gives these bytes back
-            except UnicodeDecodeError:
-                total += len(_dumps(piece.decode("utf-8", "replace"), False)) - 2
-                continue
+        if not piece.isascii() and not _valid(piece):  # (valid: decoding with replace gives these bytes back)
+            total += len(_dumps(piece.decode("utf-8", "replace"), False)) - 2
+            continue
         escapes = piece.translate(_EXTRA)
         total += len(piece) + escapes.count(1) + 5 * escapes.count(5)
     return total
